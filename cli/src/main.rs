@@ -1,0 +1,42 @@
+//! `rackscale`: the user's command.
+//!
+//! - `plan`: the best recipe for a model, SKU, workload, GPU budget and SLO,
+//!   with its memory breakdown; SKU comparison at interactivity levels;
+//!   explanations of rejected shapes; an SVG of the frontiers; or one recipe
+//!   evaluated in the calibration CSV's own terms.
+//! - `calibrate`: fits the perf model's free parameters to measured recipes
+//!   and writes the constants that are checked in.
+
+mod calibrate;
+mod plan;
+mod svg;
+
+use clap::{Parser, Subcommand};
+
+/// Disaggregated, expert-parallel LLM serving on rack-scale NVLink systems.
+#[derive(Debug, Parser)]
+#[command(name = "rackscale", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Pick the best prefill/decode recipe, compare SKUs, or evaluate one recipe.
+    Plan(plan::PlanArgs),
+    /// Fit the performance model to measured recipes and write its constants.
+    Calibrate(calibrate::CalibrateArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(args) => plan::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
