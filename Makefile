@@ -7,7 +7,7 @@ CARGO ?= cargo
 RACKSCALE := target/release/rackscale
 OUT ?= target/rackscale-run
 
-.PHONY: all setup build run test lint unit bench clean-cache help
+.PHONY: all setup build run test lint unit bench clean-cache help crds
 
 all: test
 
@@ -48,9 +48,18 @@ unit:
 
 test: setup lint unit
 
+# Benchmarks report figures (docs/benchmarks.md); tests only assert behaviour.
 bench: setup
-	@scripts/bench-planner.sh
+	@mkdir -p target/bench
+	@scripts/bench-planner.sh target/bench/planner.md
+	@echo "== placement at scale =="
+	@$(CARGO) bench -p operator --bench placement | tee target/bench/placement.md
+	@echo "reports in target/bench/"
 
 clean-cache:
 	@echo "removing $${RACKSCALE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/rackscale}"
 	@rm -rf "$${RACKSCALE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/rackscale}"
+
+# Regenerate the CRD YAML from the Rust types (CI fails when it drifts).
+crds:
+	@$(CARGO) run -q -p operator --bin rackscale-operator -- crds --out-dir deploy/crds --out-dir charts/rackscale/crds

@@ -2,7 +2,18 @@
 //!
 //! Owns the `ModelDeployment` and `Rack` custom resources, the rack inventory
 //! built from GPU Feature Discovery labels, topology-aware placement, the
-//! planner edge over `perfmodel`, reconcile and the rebalancer. Decision logic
-//! is pure; only thin edges talk to Kubernetes, etcd or gRPC.
-//!
-//! Empty until the operator issue lands: this crate holds only what works.
+//! planner edge over `perfmodel`, reconcile, leader election and the
+//! operator's metrics. Decision logic (placement, planning) is pure; only thin
+//! edges talk to Kubernetes.
+
+pub mod agent;
+pub mod conditions;
+pub mod controller;
+pub mod crd;
+pub mod error;
+pub mod inventory;
+pub mod leader;
+pub mod ledger;
+pub mod placement;
+pub mod planner;
+pub mod telemetry;

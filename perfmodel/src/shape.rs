@@ -98,9 +98,14 @@ impl WorkerShape {
     /// Checks the shape against the model and the NVLink domain.
     pub fn validate(&self, model: &ModelProfile, hw: &Hardware) -> Result<()> {
         let n = self.gpus();
-        if n == 0 || !n.is_power_of_two() {
+        if n == 0 {
             return Err(Error::InvalidShape(format!(
-                "{self}: width must be a power of two"
+                "{self}: width must be at least 1"
+            )));
+        }
+        if matches!(self.parallelism, Parallelism::Tp(_)) && !n.is_power_of_two() {
+            return Err(Error::InvalidShape(format!(
+                "{self}: a TP width must be a power of two (heads split evenly)"
             )));
         }
         if n > hw.gpus_per_domain {
