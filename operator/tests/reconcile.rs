@@ -15,7 +15,10 @@ use harness::process::{ManagedProcess, free_port};
 use harness::workdir::Workdir;
 use harness::{Cluster, Sku, Topology, install_crds, wait_for, wait_until};
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::ResourceExt;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
 use operator::crd::{ModelDeployment, Phase, Rack};
 use serde_json::json;
 
@@ -159,6 +162,9 @@ async fn deployment_is_planned_placed_replaced_and_released() {
     let gb300_nodes: BTreeSet<String> = gb300.node_names().into_iter().collect();
     let gb300_rack = operator::inventory::rack_name(&gb300.clique());
 
+    harness::apply_crd_yaml(&client, include_str!("fixtures/computedomain-crd.yaml"))
+        .await
+        .unwrap();
     let dir = Workdir::new("operator").unwrap();
     let op = start_operator(&cluster, dir.path(), "operator-0");
 
@@ -196,6 +202,36 @@ async fn deployment_is_planned_placed_replaced_and_released() {
     })
     .await
     .unwrap();
+
+    // Workers spanning trays get an IMEX channel (ComputeDomain), one per worker.
+    let cd_resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "resource.nvidia.com",
+        "v1beta1",
+        "ComputeDomain",
+    ));
+    let cds: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &cd_resource);
+    let spanning: BTreeSet<String> = md
+        .status
+        .as_ref()
+        .unwrap()
+        .workers
+        .iter()
+        .filter(|w| w.placement.len() > 1)
+        .map(|w| format!("dsv4-{}", w.name))
+        .collect();
+    assert!(
+        !spanning.is_empty(),
+        "a 72-GPU recipe has workers wider than a tray"
+    );
+    let names: BTreeSet<String> = cds
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|c| c.name_any())
+        .collect();
+    assert_eq!(names, spanning);
 
     // kubectl shows the columns users read.
     let out = cluster
@@ -236,6 +272,14 @@ async fn deployment_is_planned_placed_replaced_and_released() {
     })
     .await
     .unwrap();
+    assert!(
+        cds.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "ComputeDomains left behind"
+    );
 
     // A deployment that leaves room: a GPU taken out of service moves only
     // the worker that used it, within the rack.

@@ -47,6 +47,8 @@ pub struct Context {
     pub compute_domains: bool,
     /// Consecutive transient failures per object, for backoff.
     failures: std::sync::Mutex<HashMap<String, u32>>,
+    /// Label warnings last reported per rack, so each change is one event.
+    rack_warnings: std::sync::Mutex<HashMap<String, Vec<String>>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -74,6 +76,16 @@ impl Context {
         let n = f.entry(key.to_string()).or_default();
         *n += 1;
         *n
+    }
+
+    /// Whether `warnings` differ from what was last reported for `rack`.
+    fn warnings_changed(&self, rack: &str, warnings: &[String]) -> bool {
+        let mut seen = self.rack_warnings.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.get(rack).map(Vec::as_slice) == Some(warnings) {
+            return false;
+        }
+        seen.insert(rack.to_string(), warnings.to_vec());
+        true
     }
 
     fn note_success(&self, key: &str) {
@@ -155,6 +167,7 @@ pub async fn run(
         health: parts.health,
         compute_domains,
         failures: std::sync::Mutex::new(HashMap::new()),
+        rack_warnings: std::sync::Mutex::new(HashMap::new()),
     });
     racks::sync_all(&ctx).await?;
     ready();

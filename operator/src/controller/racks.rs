@@ -1,7 +1,11 @@
 //! Keeps one `Rack` object per NVLink domain, with status computed from the
-//! inventory and the ledger, and the fleet GPU gauges in step with it.
+//! inventory and the ledger, and the fleet GPU gauges in step with it. Node
+//! label problems become a Warning event on the rack (once per change) and
+//! stay listed in its status; they never stop reconcile.
 
+use kube::Resource;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
 use serde_json::json;
 
 use super::Context;
@@ -30,7 +34,19 @@ pub async fn sync_racks(ctx: &Context, inv: &inventory::Inventory, ledger: &Ledg
             },
             "spec": { "clique": rack.clique },
         });
-        api.patch(&rack.name, &pp, &Patch::Apply(&object)).await?;
+        let applied = api.patch(&rack.name, &pp, &Patch::Apply(&object)).await?;
+        if !rack.warnings.is_empty() && ctx.warnings_changed(&rack.name, &rack.warnings) {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "InconsistentLabels".into(),
+                note: Some(rack.warnings.join("; ").chars().take(1000).collect()),
+                action: "Inventory".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &applied.object_ref(&())).await {
+                tracing::debug!(error = %e, "could not publish event");
+            }
+        }
         let body =
             json!({ "apiVersion": "rackscale.io/v1alpha1", "kind": "Rack", "status": status });
         api.patch_status(&rack.name, &pp, &Patch::Apply(&body))
