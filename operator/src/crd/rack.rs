@@ -42,9 +42,6 @@ pub struct RackSpec {
     /// The `nvidia.com/gpu.clique` value of the domain's nodes
     /// (`<clusterUUID>.<cliqueId>`).
     pub clique: String,
-    /// Keep new workers off this rack (running ones stay).
-    #[serde(default)]
-    pub cordoned: bool,
 }
 
 /// What the rack has and who uses it.
