@@ -4,7 +4,10 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-RACKSCALE := target/release/rackscale
+# One dev-profile build serves `make run` and `make test` (perfmodel is
+# optimised even there, see Cargo.toml).
+RACKSCALE := target/debug/rackscale
+LOCAL_RACK := target/debug/local-rack
 OUT ?= target/rackscale-run
 
 .PHONY: all setup build run test lint unit bench clean-cache help crds
@@ -21,19 +24,26 @@ setup:
 	@scripts/setup.sh
 
 build:
-	@echo "[build] cargo build --release (first build takes several minutes on 2 cores)"
-	@$(CARGO) build --release -p cli
+	@echo "[build] cargo build (the first build takes 10-15 minutes on 2 cores)"
+	@$(CARGO) build -p cli -p operator -p rackscale-tests --bins
 
 # The most complete real thing available today: the planner over both rack
-# SKUs, the InferenceX comparison table and the frontier plot.
+# SKUs with the InferenceX comparison and frontier plot, then a simulated
+# fleet (one GB300 and one GB200 NVL72 rack) through real etcd, kube-apiserver
+# and rackscale-operator placing the examples in deploy/examples/.
+# KEEP=1 leaves the fleet up for kubectl.
 run: setup build
 	@mkdir -p $(OUT)
 	@echo
+	@echo "== 1. The planner: DeepSeek-V4-Pro on GB300 vs GB200 NVL72 at 27 tok/s/user =="
 	@$(RACKSCALE) plan --model deepseek-v4-pro --sku gb300 --isl 8192 --osl 1024 --gpus 72 \
 		--min-interactivity 27 --compare gb200 --explain --plot $(OUT)/frontiers.svg
 	@echo
-	@echo "== The InferenceX calibration rows, predicted against measured =="
+	@echo "== 2. The InferenceX calibration rows, predicted against measured =="
 	@$(RACKSCALE) calibrate --check
+	@echo
+	@echo "== 3. A simulated fleet through the real control plane =="
+	@$(LOCAL_RACK) --examples deploy/examples --crds deploy/crds
 	@echo
 	@echo "Frontier plot: $(OUT)/frontiers.svg"
 
