@@ -141,9 +141,19 @@ pub fn run(args: PlanArgs) -> Result<()> {
     if let Some(path) = &args.plot {
         let mut sweeps = vec![&sweep];
         sweeps.extend(other.as_ref());
+        // The InferenceX rows were measured for this model and workload only.
+        let measured: Vec<svg::Measured> =
+            if model.name == "deepseek-v4-pro" && (workload.isl, workload.osl) == (8192, 1024) {
+                perfmodel::fit::builtin_rows()?
+                    .iter()
+                    .map(|r| (r.sku, r.tok_s_user, r.tok_s_gpu))
+                    .collect()
+            } else {
+                Vec::new()
+            };
         std::fs::write(
             path,
-            svg::frontiers(&sweeps, best.as_ref(), &model.name, workload),
+            svg::frontiers(&sweeps, best.as_ref(), &measured, &model.name, workload),
         )
         .with_context(|| format!("writing {}", path.display()))?;
     }

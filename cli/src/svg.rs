@@ -9,13 +9,23 @@ use perfmodel::search::{self, Point, Sweep};
 const W: f64 = 860.0;
 const H: f64 = 520.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 180.0;
+const RIGHT: f64 = 200.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 const COLORS: [&str; 4] = ["#76b900", "#1f77b4", "#d62728", "#9467bd"];
 
-/// Renders the frontiers of `sweeps`, marking `best` when given.
-pub fn frontiers(sweeps: &[&Sweep], best: Option<&Point>, model: &str, wl: Workload) -> String {
+/// A measured point to draw beside the frontiers: (SKU, tok/s/user, tok/s/GPU).
+pub type Measured = (perfmodel::Sku, f64, f64);
+
+/// Renders the frontiers of `sweeps`, marking `best` when given and drawing
+/// `measured` points (hollow diamonds in their SKU's colour).
+pub fn frontiers(
+    sweeps: &[&Sweep],
+    best: Option<&Point>,
+    measured: &[Measured],
+    model: &str,
+    wl: Workload,
+) -> String {
     let fronts: Vec<Vec<Point>> = sweeps.iter().map(|s| search::frontier(&s.points)).collect();
     let all = fronts.iter().flatten();
     let x_max = nice(
@@ -115,8 +125,38 @@ pub fn frontiers(sweeps: &[&Sweep], best: Option<&Point>, model: &str, wl: Workl
             W - RIGHT + 40.0,
             W - RIGHT + 46.0,
             ly + 4.0,
-            sweep.sku.hardware().name,
+            sweep.sku.hardware().name.trim_start_matches("NVIDIA "),
             sweep.gpu_budget
+        );
+    }
+    for (sku, user, gpu) in measured {
+        let Some(i) = sweeps.iter().position(|s| s.sku == *sku) else {
+            continue;
+        };
+        let (cx, cy) = (x(*user), y(*gpu));
+        let _ = writeln!(
+            s,
+            r#"<path d="M {cx:.1} {:.1} L {:.1} {cy:.1} L {cx:.1} {:.1} L {:.1} {cy:.1} Z" fill="white" stroke="{}" stroke-width="2"><title>{sku} measured (InferenceX): {gpu:.0} tok/s/GPU at {user:.1} tok/s/user</title></path>"#,
+            cy - 6.0,
+            cx + 6.0,
+            cy + 6.0,
+            cx - 6.0,
+            COLORS[i % COLORS.len()]
+        );
+    }
+    if !measured.is_empty() {
+        let ly = TOP + 20.0 + 22.0 * sweeps.len() as f64;
+        let _ = writeln!(
+            s,
+            r##"<path d="M {0} {1} L {2} {3} L {0} {4} L {5} {3} Z" fill="white" stroke="#555" stroke-width="2"/><text x="{6}" y="{7}">measured (InferenceX)</text>"##,
+            W - RIGHT + 27.5,
+            ly - 6.0,
+            W - RIGHT + 33.5,
+            ly,
+            ly + 6.0,
+            W - RIGHT + 21.5,
+            W - RIGHT + 46.0,
+            ly + 4.0
         );
     }
     if let Some(b) = best {
