@@ -1,0 +1,186 @@
+//! The simulated backend: step times from perfmodel (the functions the
+//! planner uses), scaled sleeps, synthetic tokens and deterministic KV bytes.
+//!
+//! Invariant: every figure it returns is modelled time; only [`SimBackend::sleep`]
+//! converts to wall time, dividing by the time scale.
+
+use std::time::Duration;
+
+use perfmodel::steptime::StepModel;
+use perfmodel::{Calibration, ModelProfile, Parallelism, Sku};
+
+/// A worker's simulated GPUs.
+#[derive(Debug, Clone)]
+pub struct SimBackend {
+    model: ModelProfile,
+    step: StepModel,
+    time_scale: f64,
+}
+
+impl SimBackend {
+    /// The backend of `model` on `sku` split by `parallelism`; `time_scale` is
+    /// modelled seconds per wall second.
+    pub fn new(
+        model: ModelProfile,
+        sku: Sku,
+        parallelism: Parallelism,
+        calibration: Calibration,
+        time_scale: f64,
+    ) -> Self {
+        let step = StepModel::new(&model, &sku.hardware(), parallelism, calibration);
+        Self {
+            model,
+            step,
+            time_scale,
+        }
+    }
+
+    /// Modelled seconds of one decode step over requests at these context
+    /// lengths (one new token each).
+    pub fn decode_step_seconds(&self, contexts: &[u32]) -> f64 {
+        if contexts.is_empty() {
+            return 0.0;
+        }
+        let n = contexts.len() as f64;
+        let att = &self.model.attention;
+        let (read, flops) = contexts.iter().fold((0.0, 0.0), |(r, f), &c| {
+            let c = f64::from(c);
+            (r + att.kv_read_bytes(c), f + att.flops_per_token(c))
+        });
+        self.step.decode(n, read / n, flops / n).total()
+    }
+
+    /// Modelled seconds of one prefill step over `(tokens in this step,
+    /// full prompt length)` parts.
+    pub fn prefill_step_seconds(&self, parts: &[(u32, u32)]) -> f64 {
+        let tokens: f64 = parts.iter().map(|&(t, _)| f64::from(t)).sum();
+        if tokens <= 0.0 {
+            return 0.0;
+        }
+        let att = &self.model.attention;
+        let flops: f64 = parts
+            .iter()
+            .map(|&(t, isl)| f64::from(t) * att.prefill_flops_per_token(f64::from(isl)))
+            .sum();
+        self.step
+            .prefill(tokens, parts.len() as f64, flops / tokens)
+            .total()
+    }
+
+    /// Sleeps the wall time that `modelled` seconds take at this time scale.
+    pub async fn sleep(&self, modelled: f64) {
+        let wall = modelled / self.time_scale;
+        if wall.is_finite() && wall > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(wall)).await;
+        }
+    }
+
+    /// KV bytes of a prompt of `prompt_len` tokens (whole bytes).
+    pub fn kv_bytes(&self, prompt_len: u32) -> u64 {
+        self.model.attention.kv_bytes(f64::from(prompt_len)).ceil() as u64
+    }
+
+    /// The synthetic token at output `position` of `request_id`.
+    pub fn token(&self, request_id: &str, position: u32) -> u32 {
+        let vocab = u64::from(self.model.vocab.max(1));
+        (mix(seed(request_id) ^ u64::from(position)) % vocab) as u32
+    }
+}
+
+/// FNV-1a of a string, the seed of everything synthetic about it.
+fn seed(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// splitmix64's finaliser.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `len` bytes of KV for the handle `kv_id`, a pure function of both.
+pub fn fill_kv(kv_id: &str, len: u64) -> Vec<u8> {
+    let s = seed(kv_id);
+    let mut data = Vec::with_capacity(len as usize);
+    let mut i = 0u64;
+    while (data.len() as u64) < len {
+        let word = mix(s ^ i).to_le_bytes();
+        let take = ((len - data.len() as u64) as usize).min(8);
+        data.extend_from_slice(&word[..take]);
+        i += 1;
+    }
+    data
+}
+
+/// Order-sensitive checksum of KV bytes (8-byte words, position mixed in).
+pub fn checksum(data: &[u8]) -> u64 {
+    data.chunks(8).enumerate().fold(0u64, |acc, (i, chunk)| {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        acc.rotate_left(5) ^ u64::from_le_bytes(word).wrapping_add(i as u64)
+    })
+}
+
+/// The checksum the holder's [`fill_kv`] produces for `kv_id` and `len`.
+pub fn expected_checksum(kv_id: &str, len: u64) -> u64 {
+    checksum(&fill_kv(kv_id, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> SimBackend {
+        let model = ModelProfile::builtin("deepseek-v4-pro").expect("builtin model");
+        SimBackend::new(
+            model,
+            Sku::Gb200,
+            Parallelism::Ep(8),
+            Calibration::fitted(),
+            100.0,
+        )
+    }
+
+    #[test]
+    fn decode_step_grows_with_batch_and_matches_perfmodel() {
+        let b = backend();
+        let one = b.decode_step_seconds(&[1000]);
+        let many = b.decode_step_seconds(&[1000; 64]);
+        assert!(one > 0.0 && many > one, "{one} {many}");
+        let att = &b.model.attention;
+        let direct = b
+            .step
+            .decode(1.0, att.kv_read_bytes(1000.0), att.flops_per_token(1000.0))
+            .total();
+        assert!((one - direct).abs() < 1e-12);
+    }
+
+    #[test]
+    fn tokens_and_kv_are_deterministic() {
+        let b = backend();
+        assert_eq!(b.token("r1", 3), b.token("r1", 3));
+        assert_ne!(
+            (0..8).map(|p| b.token("r1", p)).collect::<Vec<_>>(),
+            (0..8).map(|p| b.token("r2", p)).collect::<Vec<_>>()
+        );
+        let kv = fill_kv("kv-1", 1001);
+        assert_eq!(kv.len(), 1001);
+        assert_eq!(checksum(&kv), expected_checksum("kv-1", 1001));
+        assert_ne!(checksum(&kv), expected_checksum("kv-2", 1001));
+        let mut bad = kv.clone();
+        bad[500] ^= 1;
+        assert_ne!(checksum(&bad), checksum(&kv));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sleep_divides_by_time_scale() {
+        let b = backend();
+        let start = tokio::time::Instant::now();
+        b.sleep(1.0).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(10));
+    }
+}
