@@ -1,7 +1,23 @@
 //! rackscale's node agent, one per compute tray.
 //!
-//! Owns GPU discovery (NVML behind a feature, simulated GPUs otherwise), the
-//! supervisor of engine rank processes, the `AgentService` gRPC server and the
-//! agent's lease in the registry.
-//!
-//! Empty until the agents issue lands: this crate holds only what works.
+//! Owns GPU discovery ([`gpu`]: simulated GPUs; NVML belongs behind the `nvml`
+//! cargo feature, which is declared but not implemented in this round), the
+//! [`supervisor`] of engine rank processes, the `AgentService` gRPC server
+//! ([`service`]), the agent's lease in the registry ([`registration`]) and
+//! its Prometheus metrics ([`metrics`], served with the fault-injection hook by [`http`]). [`node::Node`] ties them together;
+//! [`config`] turns the binary's flags into a validated configuration.
+
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod gpu;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod rank;
+pub mod registration;
+pub mod service;
+pub mod supervisor;
+pub mod wire;
+
+pub use error::{Error, Result};

@@ -1,0 +1,201 @@
+//! The `rackscale-agent` flags and the validated configuration built from them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::gpu::{NodeIdentity, SimulatedGpus};
+use crate::registration::RegistrationConfig;
+use crate::supervisor::{EngineCommand, RestartPolicy, SupervisorConfig};
+use crate::{Error, Result};
+
+/// Flags of `rackscale-agent`; every flag has a `RACKSCALE_AGENT_*` env twin.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "rackscale-agent", about = "rackscale node agent", version)]
+pub struct Args {
+    /// Kubernetes node name of this tray.
+    #[arg(long, env = "RACKSCALE_AGENT_NODE")]
+    pub node: String,
+    /// Address to serve `AgentService` on.
+    #[arg(long, env = "RACKSCALE_AGENT_LISTEN", default_value = "0.0.0.0:7400")]
+    pub listen: SocketAddr,
+    /// Address published in the registry; defaults to the listen address.
+    #[arg(long, env = "RACKSCALE_AGENT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Address to serve `/metrics` (and fault injection) on; unset disables it.
+    #[arg(long, env = "RACKSCALE_AGENT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// etcd endpoints, comma-separated; empty disables registration.
+    #[arg(long, env = "RACKSCALE_AGENT_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Lease TTL in seconds.
+    #[arg(long, env = "RACKSCALE_AGENT_LEASE_TTL_SECONDS", default_value_t = 10)]
+    pub lease_ttl_seconds: u64,
+    /// Number of simulated GPUs.
+    #[arg(long, env = "RACKSCALE_AGENT_GPU_COUNT", default_value_t = 4)]
+    pub gpu_count: u32,
+    /// Memory per simulated GPU, MiB.
+    #[arg(
+        long,
+        env = "RACKSCALE_AGENT_GPU_MEMORY_MIB",
+        default_value_t = 189_471
+    )]
+    pub gpu_memory_mib: u64,
+    /// GPU product name (GFD spelling).
+    #[arg(
+        long,
+        env = "RACKSCALE_AGENT_GPU_PRODUCT",
+        default_value = "NVIDIA-GB200"
+    )]
+    pub gpu_product: String,
+    /// GPU SKU.
+    #[arg(long, env = "RACKSCALE_AGENT_SKU", default_value = "GB200")]
+    pub sku: String,
+    /// NVLink clique (`<clusterUUID>.<cliqueId>`).
+    #[arg(long, env = "RACKSCALE_AGENT_CLIQUE", default_value = "")]
+    pub clique: String,
+    /// Engine binary each rank runs.
+    #[arg(long, env = "RACKSCALE_AGENT_ENGINE_BIN")]
+    pub engine_bin: PathBuf,
+    /// One argument passed to the engine before the per-rank ones; repeat
+    /// the flag for several (the env twin holds a single argument).
+    #[arg(
+        long = "engine-arg",
+        env = "RACKSCALE_AGENT_ENGINE_ARG",
+        allow_hyphen_values = true
+    )]
+    pub engine_args: Vec<String>,
+    /// Restarts of a crashed rank before it is left failed.
+    #[arg(long, env = "RACKSCALE_AGENT_MAX_RESTARTS", default_value_t = 5)]
+    pub max_restarts: u32,
+    /// First restart delay, milliseconds; doubles per restart.
+    #[arg(long, env = "RACKSCALE_AGENT_RESTART_BASE_MS", default_value_t = 1000)]
+    pub restart_base_ms: u64,
+    /// Cap on the restart delay, milliseconds.
+    #[arg(long, env = "RACKSCALE_AGENT_RESTART_MAX_MS", default_value_t = 30_000)]
+    pub restart_max_ms: u64,
+    /// Grace period for ranks when the agent shuts down, seconds.
+    #[arg(
+        long,
+        env = "RACKSCALE_AGENT_SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 10
+    )]
+    pub shutdown_grace_seconds: u64,
+    /// Serve `POST /debug/gpus/{index}/health/{health}` on the metrics address.
+    #[arg(long, env = "RACKSCALE_AGENT_ENABLE_FAULT_INJECTION")]
+    pub enable_fault_injection: bool,
+    /// Log as JSON.
+    #[arg(long, env = "RACKSCALE_AGENT_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Who this node is.
+    pub identity: NodeIdentity,
+    /// Simulated GPUs.
+    pub gpus: SimulatedGpus,
+    /// `AgentService` listen address.
+    pub listen: SocketAddr,
+    /// `/metrics` listen address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// etcd endpoints; empty disables registration.
+    pub etcd: Vec<String>,
+    /// Registration settings.
+    pub registration: RegistrationConfig,
+    /// Supervisor settings.
+    pub supervisor: SupervisorConfig,
+    /// Grace for ranks at shutdown.
+    pub shutdown_grace: Duration,
+    /// Whether the fault-injection route is served.
+    pub fault_injection: bool,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = Error;
+
+    fn try_from(args: Args) -> Result<Self> {
+        if args.node.is_empty() || args.node.contains('/') {
+            return Err(Error::Config("--node must be non-empty without '/'".into()));
+        }
+        if args.gpu_count == 0 {
+            return Err(Error::Config("--gpu-count must be at least 1".into()));
+        }
+        if args.lease_ttl_seconds == 0 {
+            return Err(Error::Config(
+                "--lease-ttl-seconds must be at least 1".into(),
+            ));
+        }
+        if args.restart_base_ms == 0 || args.restart_max_ms < args.restart_base_ms {
+            return Err(Error::Config(
+                "need 0 < --restart-base-ms <= --restart-max-ms".into(),
+            ));
+        }
+        let address = args
+            .advertise
+            .clone()
+            .unwrap_or_else(|| args.listen.to_string());
+        Ok(Self {
+            identity: NodeIdentity {
+                node: args.node.clone(),
+                sku: args.sku,
+                clique: args.clique,
+            },
+            gpus: SimulatedGpus {
+                count: args.gpu_count,
+                memory_mib: args.gpu_memory_mib,
+                product: args.gpu_product,
+                node: args.node,
+            },
+            listen: args.listen,
+            metrics_listen: args.metrics_listen,
+            etcd: args.etcd.into_iter().filter(|e| !e.is_empty()).collect(),
+            registration: RegistrationConfig {
+                address,
+                ttl: Duration::from_secs(args.lease_ttl_seconds),
+                call_timeout: Duration::from_secs(5),
+                revoke_on_shutdown: true,
+            },
+            supervisor: SupervisorConfig {
+                engine: EngineCommand {
+                    program: args.engine_bin,
+                    args: args.engine_args,
+                },
+                restart: RestartPolicy {
+                    max_restarts: args.max_restarts,
+                    base_delay: Duration::from_millis(args.restart_base_ms),
+                    max_delay: Duration::from_millis(args.restart_max_ms),
+                },
+            },
+            shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
+            fault_injection: args.enable_fault_injection,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_validate() {
+        let args = Args::try_parse_from([
+            "rackscale-agent",
+            "--node=n1",
+            "--engine-bin=/bin/true",
+            "--gpu-count=4",
+        ])
+        .unwrap();
+        let config = Config::try_from(args.clone()).unwrap();
+        assert_eq!(config.registration.ttl, Duration::from_secs(10));
+        assert_eq!(config.gpus.count, 4);
+        let bad = Args {
+            gpu_count: 0,
+            ..args
+        };
+        assert!(matches!(Config::try_from(bad), Err(Error::Config(_))));
+    }
+}
