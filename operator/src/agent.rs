@@ -1,10 +1,10 @@
 //! The seam between reconcile and the node agents that start engine ranks.
 //!
 //! Reconcile decides where each worker runs; an [`AgentControl`] makes it so
-//! and says what state each worker is in. The gRPC implementation arrives
-//! with the agents; until then [`PlacementOnly`] records placement without
-//! launching anything, and reports every worker as `Placed` (never Running),
-//! so a deployment is Placed but not Ready.
+//! and says what state each worker is in. [`crate::agent_grpc::GrpcAgents`]
+//! drives the agents' `AgentService`; [`PlacementOnly`] records placement
+//! without launching anything and reports every worker as `Placed` (never
+//! Running), for clusters where no agents run yet.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,6 +18,17 @@ pub struct WorkerLaunch {
     pub deployment: String,
     pub worker: String,
     pub role: Pool,
+    /// Tensor-parallel width (1 for a DEP worker).
+    pub tp: u32,
+    /// Expert-parallel width (1 for a TP worker).
+    pub ep: u32,
+    /// perfmodel profile the engine simulates or serves.
+    pub model: String,
+    /// `sim` or `cpu`.
+    pub backend: String,
+    /// Spec generation the worker belongs to; a newer one replaces it.
+    pub generation: u64,
+    /// One rank per node, in rank order.
     pub placement: Vec<NodeGpus>,
 }
 

@@ -7,6 +7,7 @@
 //! edges talk to Kubernetes.
 
 pub mod agent;
+pub mod agent_grpc;
 pub mod conditions;
 pub mod controller;
 pub mod crd;

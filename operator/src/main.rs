@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use operator::agent::PlacementOnly;
+use operator::agent_grpc::{GrpcAgents, RegistryDirectory};
 use operator::controller::{self, ControllerParts};
 use operator::inventory::AnnotationsOnly;
 use operator::leader::{LeaderConfig, LeaderElector};
@@ -81,6 +82,13 @@ struct RunArgs {
     /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config or in-cluster).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// etcd endpoints of the registry where agents register; without them
+    /// the operator places workers but launches nothing.
+    #[arg(long, env = "RACKSCALE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Deadline of every call to etcd and to agents, in milliseconds.
+    #[arg(long, env = "RACKSCALE_CALL_TIMEOUT_MS", default_value_t = 5_000)]
+    call_timeout_ms: u64,
 }
 
 async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
@@ -173,6 +181,17 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     });
 
+    let timeout = Duration::from_millis(args.call_timeout_ms);
+    let agents: Arc<dyn operator::agent::AgentControl> = if args.etcd_endpoints.is_empty() {
+        tracing::warn!("no --etcd-endpoints: workers are placed but not launched");
+        Arc::new(PlacementOnly)
+    } else {
+        let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
+            .await
+            .context("connecting to the etcd registry")?;
+        let directory = Arc::new(RegistryDirectory { registry, timeout });
+        Arc::new(GrpcAgents::new(directory, timeout, Duration::from_secs(30)))
+    };
     let mut config = LeaderConfig::new(&args.lease_namespace, &args.lease_name, &identity);
     config.lease_duration = Duration::from_millis(args.lease_duration_ms);
     config.renew_deadline = Duration::from_millis(args.renew_deadline_ms);
@@ -206,7 +225,7 @@ async fn run(args: RunArgs) -> Result<()> {
             ControllerParts {
                 client: client.clone(),
                 metrics: metrics.clone(),
-                agents: Arc::new(PlacementOnly),
+                agents,
                 health: Arc::new(AnnotationsOnly),
                 instance: identity.clone(),
             },

@@ -34,6 +34,8 @@ pub const FIELD_MANAGER: &str = "rackscale-operator";
 pub const FINALIZER: &str = "rackscale.io/release-gpus";
 /// Periodic re-check even without events.
 const RESYNC: Duration = Duration::from_secs(300);
+/// Re-check while workers are launching or draining.
+const SETTLING: Duration = Duration::from_secs(2);
 
 /// The inventory's view of a Kubernetes node.
 pub fn node_facts(node: &Node) -> NodeFacts {
@@ -380,11 +382,25 @@ async fn apply(md: Arc<ModelDeployment>, ctx: &Context) -> Result<Action> {
     }
     let launches: Vec<WorkerLaunch> = entries
         .iter()
-        .map(|e| WorkerLaunch {
-            deployment: key.clone(),
-            worker: e.worker.clone(),
-            role: e.role,
-            placement: e.placement.clone(),
+        .map(|e| {
+            let (tp, ep) = match e.role {
+                Pool::Prefill => (recipe.prefill_tp, 1),
+                Pool::Decode => (recipe.decode_tp.unwrap_or(1), recipe.decode_ep.unwrap_or(1)),
+            };
+            WorkerLaunch {
+                deployment: key.clone(),
+                worker: e.worker.clone(),
+                role: e.role,
+                tp,
+                ep,
+                model: spec.model.profile.as_str().to_string(),
+                backend: match spec.engine.backend {
+                    crate::crd::Backend::Sim => "sim".to_string(),
+                    crate::crd::Backend::Cpu => "cpu".to_string(),
+                },
+                generation: generation.unwrap_or_default().max(0) as u64,
+                placement: e.placement.clone(),
+            }
         })
         .collect();
     let states = ctx.agents.ensure(&launches).await;
@@ -494,7 +510,12 @@ async fn apply(md: Arc<ModelDeployment>, ctx: &Context) -> Result<Action> {
         .await;
     }
     racks::sync_all(ctx).await?;
-    Ok(Action::requeue(RESYNC))
+    // Workers still starting are checked again soon, so Ready follows them.
+    let settling = status
+        .workers
+        .iter()
+        .any(|w| matches!(w.state, WorkerState::Launching | WorkerState::Draining));
+    Ok(Action::requeue(if settling { SETTLING } else { RESYNC }))
 }
 
 /// GPUs grouped per node, nodes in first-seen order, indices sorted.

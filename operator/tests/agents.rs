@@ -1,0 +1,174 @@
+//! The operator's gRPC `AgentControl` against real agents (in-process
+//! AgentService servers with simulated GPUs and `/bin/sh` standing in for
+//! the engine): a worker spanning two trays gets one rank per tray, reports
+//! Running, is relaunched idempotently, and is stopped on release.
+
+// Test helpers fail loudly: a panic is the test failing.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent::gpu::{NodeIdentity, SimulatedGpus};
+use agent::metrics::Metrics;
+use agent::node::Node;
+use agent::supervisor::{EngineCommand, RestartPolicy, SupervisorConfig};
+use harness::wait_until;
+use operator::agent::{AgentControl, WorkerLaunch};
+use operator::agent_grpc::{GrpcAgents, StaticDirectory};
+use operator::crd::{NodeGpus, Pool, WorkerState};
+use proto::pb;
+use proto::pb::agent_service_client::AgentServiceClient;
+use tokio::sync::oneshot;
+
+struct Agent {
+    node: Node,
+    address: String,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn agent(name: &str) -> Agent {
+    let config = SupervisorConfig {
+        engine: EngineCommand {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), "sleep 30".into()],
+        },
+        restart: RestartPolicy {
+            max_restarts: 1,
+            base_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(100),
+        },
+    };
+    let gpus = SimulatedGpus {
+        count: 4,
+        memory_mib: 294_912,
+        product: "NVIDIA-GB300".into(),
+        node: name.into(),
+    };
+    let identity = NodeIdentity {
+        node: name.into(),
+        sku: "GB300".into(),
+        clique: "c.1".into(),
+    };
+    let node = Node::new(identity, &gpus, config, Metrics::new().unwrap()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = node.clone();
+    tokio::spawn(async move {
+        let _ = agent::service::serve(listener, served, async {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    Agent {
+        node,
+        address,
+        _stop: stop,
+    }
+}
+
+async fn running_ranks(address: &str) -> usize {
+    let mut client = AgentServiceClient::connect(address.to_string())
+        .await
+        .unwrap();
+    let list = client
+        .list_ranks(pb::ListRanksRequest {
+            namespace: "llm".into(),
+            deployment: "dsv4".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    list.ranks
+        .iter()
+        .filter(|r| r.phase == pb::RankPhase::Running as i32)
+        .count()
+}
+
+#[tokio::test]
+async fn workers_launch_one_rank_per_tray_and_stop_on_release() {
+    let (a, b) = (agent("tray-a").await, agent("tray-b").await);
+    let directory = StaticDirectory(BTreeMap::from([
+        ("tray-a".to_string(), a.address.clone()),
+        ("tray-b".to_string(), b.address.clone()),
+    ]));
+    let agents = GrpcAgents::new(
+        Arc::new(directory),
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+    );
+    let decode = WorkerLaunch {
+        deployment: "llm/dsv4".into(),
+        worker: "decode-0".into(),
+        role: Pool::Decode,
+        tp: 1,
+        ep: 8,
+        model: "deepseek-v4-pro".into(),
+        backend: "sim".into(),
+        generation: 1,
+        placement: vec![
+            NodeGpus {
+                node: "tray-a".into(),
+                gpus: vec![0, 1, 2, 3],
+            },
+            NodeGpus {
+                node: "tray-b".into(),
+                gpus: vec![0, 1, 2, 3],
+            },
+        ],
+    };
+    let orphan = WorkerLaunch {
+        worker: "prefill-0".into(),
+        placement: vec![NodeGpus {
+            node: "tray-gone".into(),
+            gpus: vec![0],
+        }],
+        ..decode.clone()
+    };
+    // Ranks start as Starting; reconcile calls ensure until they run.
+    let workers = [decode.clone(), orphan];
+    let first = agents.ensure(&workers).await;
+    assert_ne!(first[0], WorkerState::Failed);
+    assert_eq!(first[1], WorkerState::Failed, "no agent on tray-gone");
+    harness::wait_until("decode-0 running", Duration::from_secs(10), || {
+        let (agents, workers) = (agents.clone(), workers.clone());
+        async move {
+            Ok(agents.ensure(&workers).await == vec![WorkerState::Running, WorkerState::Failed])
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            running_ranks(&a.address).await,
+            running_ranks(&b.address).await
+        ),
+        (1, 1)
+    );
+
+    // Reconcile runs ensure again: same generation, same ranks, no duplicates.
+    assert_eq!(
+        agents.ensure(std::slice::from_ref(&decode)).await,
+        vec![WorkerState::Running]
+    );
+    assert_eq!(
+        (
+            running_ranks(&a.address).await,
+            running_ranks(&b.address).await
+        ),
+        (1, 1)
+    );
+
+    agents.release("llm/dsv4").await;
+    wait_until("ranks stopped", Duration::from_secs(10), || {
+        let (a, b) = (a.address.clone(), b.address.clone());
+        async move { Ok(running_ranks(&a).await + running_ranks(&b).await == 0) }
+    })
+    .await
+    .unwrap();
+    for agent in [&a, &b] {
+        agent.node.supervisor().shutdown(Duration::ZERO).await;
+    }
+}
