@@ -13,23 +13,19 @@ use perfmodel::{ModelProfile, Parallelism, Sku};
 #[command(name = "rackscale-engine", version, about)]
 struct Args {
     /// Worker role: prefill, decode or both.
-    #[arg(long, env = "RACKSCALE_ENGINE_ROLE", default_value = "both")]
+    #[arg(long, env = "RACKSCALE_ROLE", default_value = "both")]
     role: String,
     /// Built-in model profile.
-    #[arg(
-        long,
-        env = "RACKSCALE_ENGINE_MODEL",
-        default_value = "deepseek-v4-pro"
-    )]
+    #[arg(long, env = "RACKSCALE_MODEL", default_value = "deepseek-v4-pro")]
     model: String,
     /// GPU SKU (gb200, gb300, b200, h200).
-    #[arg(long, env = "RACKSCALE_ENGINE_SKU", default_value = "gb200")]
+    #[arg(long, env = "RACKSCALE_SKU", default_value = "gb200")]
     sku: String,
     /// Tensor-parallel width (exclusive with --ep).
-    #[arg(long, env = "RACKSCALE_ENGINE_TP")]
+    #[arg(long, env = "RACKSCALE_TP")]
     tp: Option<u32>,
     /// Expert-parallel width (exclusive with --tp).
-    #[arg(long, env = "RACKSCALE_ENGINE_EP")]
+    #[arg(long, env = "RACKSCALE_EP")]
     ep: Option<u32>,
     /// Modelled seconds per wall second.
     #[arg(long, env = "RACKSCALE_ENGINE_TIME_SCALE", default_value_t = 1.0)]
@@ -50,16 +46,16 @@ struct Args {
     #[arg(long, env = "RACKSCALE_ENGINE_KV_TTL_SECONDS", default_value_t = 60)]
     kv_ttl_seconds: u64,
     /// Namespace of the owning ModelDeployment.
-    #[arg(long, env = "RACKSCALE_ENGINE_NAMESPACE", default_value = "default")]
+    #[arg(long, env = "RACKSCALE_NAMESPACE", default_value = "default")]
     namespace: String,
     /// Name of the owning ModelDeployment.
-    #[arg(long, env = "RACKSCALE_ENGINE_DEPLOYMENT", default_value = "")]
+    #[arg(long, env = "RACKSCALE_DEPLOYMENT", default_value = "")]
     deployment: String,
     /// This worker's name.
-    #[arg(long, env = "RACKSCALE_ENGINE_WORKER", default_value = "")]
+    #[arg(long, env = "RACKSCALE_WORKER", default_value = "")]
     worker: String,
     /// Launch generation.
-    #[arg(long, env = "RACKSCALE_ENGINE_GENERATION", default_value_t = 0)]
+    #[arg(long, env = "RACKSCALE_GENERATION", default_value_t = 0)]
     generation: u64,
 }
 
@@ -68,12 +64,14 @@ impl Args {
         let role: Role = self.role.parse()?;
         let model = ModelProfile::builtin(&self.model)?;
         let sku: Sku = self.sku.parse()?;
-        let parallelism = match (self.tp, self.ep) {
+        // A width of 1 on one axis means "not split" (the agent passes both).
+        let parallelism = match (self.tp.filter(|&t| t > 1), self.ep.filter(|&e| e > 1)) {
             (Some(t), None) => Parallelism::Tp(t),
             (None, Some(e)) => Parallelism::Ep(e),
+            (None, None) if self.tp == Some(1) || self.ep == Some(1) => Parallelism::Tp(1),
             (None, None) if role == Role::Prefill => Parallelism::Tp(8),
             (None, None) => Parallelism::Ep(8),
-            (Some(_), Some(_)) => anyhow::bail!("give --tp or --ep, not both"),
+            (Some(_), Some(_)) => anyhow::bail!("give a TP or an EP width above 1, not both"),
         };
         let mut c = EngineConfig::new(role, model, sku, parallelism);
         c.time_scale = self.time_scale;
