@@ -45,6 +45,9 @@ pub enum Error {
     /// Socket I/O.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The etcd registry refused or timed out.
+    #[error("registry: {0}")]
+    Registry(String),
 }
 
 impl Error {
@@ -64,6 +67,7 @@ impl Error {
             Error::Transport(_) => "transport",
             Error::Metrics(_) => "metrics",
             Error::Io(_) => "io",
+            Error::Registry(_) => "registry",
         }
     }
 
@@ -77,6 +81,7 @@ impl Error {
                 | Error::SchedulerStopped
                 | Error::Transport(_)
                 | Error::Io(_)
+                | Error::Registry(_)
         )
     }
 }
@@ -91,7 +96,7 @@ impl From<Error> for tonic::Status {
             Error::Capacity(_) => tonic::Status::resource_exhausted(msg),
             Error::UnknownKv(_) => tonic::Status::not_found(msg),
             Error::KvCorrupt(_) => tonic::Status::data_loss(msg),
-            Error::KvTransfer(_) | Error::Transport(_) | Error::Io(_) => {
+            Error::KvTransfer(_) | Error::Transport(_) | Error::Io(_) | Error::Registry(_) => {
                 tonic::Status::unavailable(msg)
             }
             Error::Config(_) | Error::PerfModel(_) | Error::Metrics(_) => {

@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod kv;
 pub mod metrics;
+pub mod registration;
 pub mod scheduler;
 pub mod server;
 pub mod sim;

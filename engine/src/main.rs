@@ -57,6 +57,23 @@ struct Args {
     /// Launch generation.
     #[arg(long, env = "RACKSCALE_GENERATION", default_value_t = 0)]
     generation: u64,
+    /// etcd endpoints of the registry; rank 0 registers the worker there.
+    #[arg(long, env = "RACKSCALE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// This rank's index in the worker (only rank 0 registers).
+    #[arg(long, env = "RACKSCALE_RANK", default_value_t = 0)]
+    rank: u32,
+    /// Node (compute tray) this rank runs on, as registered (an agent passes
+    /// it among the engine arguments it is configured with).
+    #[arg(long, env = "RACKSCALE_NODE", default_value = "unknown")]
+    node: String,
+    /// GPU indices of this rank, comma-separated.
+    #[arg(long, env = "RACKSCALE_GPU_INDICES", value_delimiter = ',')]
+    gpu_indices: Vec<u32>,
+    /// Registry lease TTL in seconds: how long after a crash the worker's
+    /// keys disappear.
+    #[arg(long, env = "RACKSCALE_ENGINE_LEASE_TTL_SECONDS", default_value_t = 10)]
+    lease_ttl_seconds: u64,
 }
 
 impl Args {
@@ -110,6 +127,66 @@ async fn main() -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    engine::serve(config, listener, metrics, shutdown).await?;
+    let local = listener.local_addr()?;
+    let endpoint = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+    let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
+    let registration = if args.etcd_endpoints.is_empty() || args.rank != 0 {
+        None
+    } else {
+        let timeout = Duration::from_secs(5);
+        let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
+            .await
+            .context("connecting to the etcd registry")?;
+        let shape = match config.parallelism {
+            perfmodel::Parallelism::Tp(t) => proto::types::Shape { tp: t, ep: 1 },
+            perfmodel::Parallelism::Ep(e) => proto::types::Shape { tp: 1, ep: e },
+        };
+        let record = proto::records::WorkerRecord {
+            id: proto::types::WorkerId::new(&args.namespace, &args.deployment, &args.worker),
+            role: match config.role {
+                Role::Prefill => proto::types::Role::Prefill,
+                Role::Decode => proto::types::Role::Decode,
+                Role::Both => proto::types::Role::Both,
+            },
+            shape,
+            ranks: vec![proto::records::RankEndpoint {
+                rank: 0,
+                node: args.node.clone(),
+                gpu_indices: args.gpu_indices.clone(),
+                grpc_endpoint: endpoint.clone(),
+                kv_endpoint: endpoint.clone(),
+            }],
+            state: proto::records::WorkerState::Ready,
+            generation: args.generation,
+        };
+        let reg = engine::registration::Registration {
+            registry,
+            record,
+            ttl: Duration::from_secs(args.lease_ttl_seconds),
+            interval: Duration::from_secs(1),
+            timeout,
+        };
+        let mut rx = stopped_rx.clone();
+        Some(tokio::spawn(engine::registration::run(
+            reg,
+            endpoint,
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        )))
+    };
+    let served = engine::serve(config, listener, metrics, shutdown).await;
+    let _ = stopped_tx.send(true);
+    if let Some(task) = registration {
+        match task.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "registration ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "registration task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    served?;
     Ok(())
 }
