@@ -6,6 +6,8 @@
 //! (agents keep a lease-bound record with their address), a fixed map in
 //! tests. Every call carries a deadline. Launch is idempotent on the agent
 //! side (same generation: same rank), so `ensure` can run on every reconcile.
+//! With the registry, a worker counts as Running only once its rank 0 has
+//! registered its endpoints for the current generation.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -25,6 +27,13 @@ pub trait AgentDirectory: Send + Sync {
     fn address(&self, node: &str) -> BoxFuture<'_, Option<String>>;
     /// Every registered agent's address.
     fn all(&self) -> BoxFuture<'_, Vec<String>>;
+    /// Whether the worker's engine registered its endpoints for this
+    /// generation; `None` when the directory cannot tell (no registry), in
+    /// which case running ranks count as a running worker.
+    fn registered(&self, worker: &WorkerLaunch) -> BoxFuture<'_, Option<bool>> {
+        let _ = worker;
+        Box::pin(async { None })
+    }
 }
 
 /// A fixed node -> address map (tests, static clusters).
@@ -61,6 +70,24 @@ impl AgentDirectory for RegistryDirectory {
                 .ok()
                 .flatten()?;
             Some(normalise(&record.address))
+        })
+    }
+
+    fn registered(&self, worker: &WorkerLaunch) -> BoxFuture<'_, Option<bool>> {
+        let (namespace, deployment) = worker
+            .deployment
+            .split_once('/')
+            .unwrap_or(("", &worker.deployment));
+        let id = proto::types::WorkerId::new(namespace, deployment, worker.worker.clone());
+        let generation = worker.generation;
+        Box::pin(async move {
+            let record = self
+                .registry
+                .get_worker(&id, self.timeout)
+                .await
+                .ok()
+                .flatten();
+            Some(record.is_some_and(|r| r.generation == generation))
         })
     }
 
@@ -212,7 +239,12 @@ impl GrpcAgents {
         let running = pb::RankPhase::Running as i32;
         let failed = [pb::RankPhase::Failed as i32, pb::RankPhase::Exited as i32];
         if phases.iter().all(|p| *p == running) {
-            WorkerState::Running
+            // Running processes are not yet a serving worker: with a
+            // registry, wait until rank 0 registered this generation.
+            match self.directory.registered(w).await {
+                Some(false) => WorkerState::Launching,
+                _ => WorkerState::Running,
+            }
         } else if phases.iter().any(|p| failed.contains(p)) {
             WorkerState::Failed
         } else {

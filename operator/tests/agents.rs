@@ -172,3 +172,72 @@ async fn workers_launch_one_rank_per_tray_and_stop_on_release() {
         agent.node.supervisor().shutdown(Duration::ZERO).await;
     }
 }
+
+#[tokio::test]
+async fn with_the_registry_a_worker_runs_once_its_engine_registered() {
+    use operator::agent_grpc::RegistryDirectory;
+    use proto::records::fixtures;
+    use proto::registry::Registry;
+
+    let etcd = harness::Etcd::start().await.unwrap();
+    let registry = Registry::new(etcd.client().await.unwrap());
+    let a = agent("tray-a").await;
+    let t = Duration::from_secs(5);
+    let lease = registry
+        .grant_lease(Duration::from_secs(30), t)
+        .await
+        .unwrap();
+    let mut record = fixtures::agent("tray-a");
+    record.address = a.address.clone();
+    registry.put_agent(lease, &record, t).await.unwrap();
+
+    let directory = RegistryDirectory {
+        registry: registry.clone(),
+        timeout: t,
+    };
+    let agents = GrpcAgents::new(Arc::new(directory), t, Duration::from_millis(200));
+    let worker = WorkerLaunch {
+        deployment: "llm/dsv4".into(),
+        worker: "prefill-0".into(),
+        role: Pool::Prefill,
+        tp: 4,
+        ep: 1,
+        model: "deepseek-v4-pro".into(),
+        backend: "sim".into(),
+        generation: 7,
+        placement: vec![NodeGpus {
+            node: "tray-a".into(),
+            gpus: vec![0, 1, 2, 3],
+        }],
+    };
+    // The rank runs, but nothing registered: still launching.
+    agents.ensure(std::slice::from_ref(&worker)).await;
+    wait_until("rank running", Duration::from_secs(10), || {
+        let a = a.address.clone();
+        async move { Ok(running_ranks(&a).await == 1) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        agents.ensure(std::slice::from_ref(&worker)).await,
+        vec![WorkerState::Launching]
+    );
+
+    // An old generation's record does not count; the current one does.
+    let mut w = fixtures::worker("llm", "dsv4", "prefill-0");
+    w.generation = 6;
+    registry.put_worker(lease, &w, t).await.unwrap();
+    assert_eq!(
+        agents.ensure(std::slice::from_ref(&worker)).await,
+        vec![WorkerState::Launching]
+    );
+    w.generation = 7;
+    registry.put_worker(lease, &w, t).await.unwrap();
+    assert_eq!(
+        agents.ensure(std::slice::from_ref(&worker)).await,
+        vec![WorkerState::Running]
+    );
+
+    agents.release("llm/dsv4").await;
+    a.node.supervisor().shutdown(Duration::ZERO).await;
+}
