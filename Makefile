@@ -53,7 +53,9 @@ lint:
 	@echo "[lint] cargo clippy --all-targets -- -D warnings"
 	@$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Integration tests start the binaries (operator, agent, engine) as processes.
 unit:
+	@$(CARGO) build --workspace --bins
 	@$(CARGO) test --workspace --no-fail-fast
 
 test: setup lint unit
