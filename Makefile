@@ -25,12 +25,13 @@ setup:
 
 build:
 	@echo "[build] cargo build (the first build takes 10-15 minutes on 2 cores)"
-	@$(CARGO) build -p cli -p operator -p rackscale-tests --bins
+	@$(CARGO) build --workspace --bins
 
 # The most complete real thing available today: the planner over both rack
 # SKUs with the InferenceX comparison and frontier plot, then a simulated
-# fleet (one GB300 and one GB200 NVL72 rack) through real etcd, kube-apiserver
-# and rackscale-operator placing the examples in deploy/examples/.
+# fleet (one GB300 and one GB200 NVL72 rack: 36 rackscale-agent processes)
+# through real etcd, kube-apiserver and rackscale-operator, which plans,
+# places and launches the examples in deploy/examples/ as engine processes.
 # KEEP=1 leaves the fleet up for kubectl.
 run: setup build
 	@mkdir -p $(OUT)

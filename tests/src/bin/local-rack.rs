@@ -1,7 +1,8 @@
 //! `local-rack`: a simulated fleet on one machine, through the real control
 //! plane. Starts etcd and kube-apiserver (as the test harness does), creates
 //! a GB300 NVL72 and a GB200 NVL72 rack as nodes carrying GPU Feature
-//! Discovery labels, installs the CRDs, runs `rackscale-operator`, applies the
+//! Discovery labels, starts one `rackscale-agent` per tray (which launch
+//! `rackscale-engine` ranks), installs the CRDs, runs `rackscale-operator`, applies the
 //! ModelDeployments in `deploy/examples/`, waits for each to be placed and
 //! prints what the operator decided. With `--keep` (or KEEP=1) it stays up
 //! for `kubectl` until Ctrl-C; otherwise it stops everything.
@@ -51,12 +52,13 @@ fn step(text: &str) {
     println!("[local-rack] {text}");
 }
 
-fn operator_binary() -> Result<PathBuf> {
+/// A binary built beside this one (`make build` builds them all).
+fn sibling(name: &str) -> Result<PathBuf> {
     let me = std::env::current_exe().context("locating local-rack")?;
-    let bin = me.with_file_name("rackscale-operator");
+    let bin = me.with_file_name(name);
     if !bin.exists() {
         bail!(
-            "{} is missing: build it with `cargo build --release -p operator`",
+            "{} is missing: build it with `cargo build --workspace --bins`",
             bin.display()
         );
     }
@@ -94,24 +96,71 @@ async fn kubectl(cluster: &Cluster, args: &[&str]) -> Result<String> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = args()?;
-    let operator = operator_binary()?;
+    let operator = sibling("rackscale-operator")?;
+    let agent_bin = sibling("rackscale-agent")?;
+    let engine_bin = sibling("rackscale-engine")?.display().to_string();
     let started = std::time::Instant::now();
     step("starting etcd and kube-apiserver v1.37.2 on loopback");
     let cluster = Cluster::start().await?;
     let client = cluster.client();
     let n = install_crds(&client, &args.crds).await?;
     step(&format!("installed {n} CRDs from {}", args.crds.display()));
-    Topology::new()
-        .rack("gb300-a", Sku::Gb300, 18, 4)
-        .rack("gb200-a", Sku::Gb200, 18, 4)
-        .create(&client)
-        .await?;
+    let topology =
+        Topology::new()
+            .rack("gb300-a", Sku::Gb300, 18, 4)
+            .rack("gb200-a", Sku::Gb200, 18, 4);
+    topology.create(&client).await?;
     step("created 36 GPU trays: one GB300 NVL72 and one GB200 NVL72 rack (18 trays x 4 GPUs)");
 
     let mut dir = Workdir::new("local-rack")?;
     if args.keep {
         dir.keep();
     }
+    // One agent per tray; each starts rackscale-engine ranks (simulated
+    // backend, 100x time scale) and registers in etcd.
+    let etcd = cluster.etcd().endpoint().to_string();
+    let mut agents = Vec::new();
+    for rack in topology.racks() {
+        let (sku, product, memory) = match rack.sku {
+            Sku::Gb300 => ("gb300", "NVIDIA-GB300", "294912"),
+            Sku::Gb200 => ("gb200", "NVIDIA-GB200", "196608"),
+        };
+        for node in rack.node_names() {
+            let agent_port = free_port()?;
+            let args: Vec<String> = [
+                "--node",
+                &node,
+                "--listen",
+                &format!("127.0.0.1:{agent_port}"),
+                "--etcd",
+                &etcd,
+                "--sku",
+                &sku.to_uppercase(),
+                "--gpu-product",
+                product,
+                "--gpu-memory-mib",
+                memory,
+                "--clique",
+                &rack.clique(),
+                "--engine-bin",
+                &engine_bin,
+                &format!("--engine-arg=--sku={sku}"),
+                "--engine-arg=--time-scale=100",
+                "--engine-arg=--listen=127.0.0.1:0",
+                &format!("--engine-arg=--node={node}"),
+                &format!("--engine-arg=--etcd-endpoints={etcd}"),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            agents.push(ManagedProcess::spawn(&node, &agent_bin, &args, dir.path())?);
+        }
+    }
+    step(&format!(
+        "started {} rackscale-agent processes, one per tray",
+        agents.len()
+    ));
+
     let port = free_port()?;
     let op_args: Vec<String> = [
         "run",
@@ -123,6 +172,8 @@ async fn main() -> Result<()> {
         "local-operator",
         "--metrics-addr",
         &format!("127.0.0.1:{port}"),
+        "--etcd-endpoints",
+        &etcd,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -161,7 +212,9 @@ async fn main() -> Result<()> {
         names.push((ns, name));
     }
 
-    step("waiting for the operator to plan and place every deployment");
+    step(
+        "waiting for the operator to plan, place and launch every deployment (engines as processes)",
+    );
     let outcome = wait_until("every deployment placed or failed", TIMEOUT, || {
         let (client, ar, names) = (client.clone(), ar.clone(), names.clone());
         async move {
@@ -170,7 +223,7 @@ async fn main() -> Result<()> {
                 let phase = api.get(name).await?.data["status"]["phase"]
                     .as_str()
                     .map(str::to_owned);
-                if !matches!(phase.as_deref(), Some("Placed" | "Ready" | "Failed")) {
+                if !matches!(phase.as_deref(), Some("Ready" | "Failed")) {
                     return Ok(false);
                 }
             }
@@ -236,8 +289,41 @@ async fn main() -> Result<()> {
         println!("  logs: {}", dir.path().display());
         tokio::signal::ctrl_c().await?;
     }
-    step("stopping the operator, kube-apiserver and etcd");
+    step("deleting the deployments: the operator releases their GPUs and stops every rank");
+    for (ns, name) in &names {
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+        api.delete(name, &Default::default()).await?;
+    }
+    wait_until("every deployment released", TIMEOUT, || {
+        let (client, ar, names) = (client.clone(), ar.clone(), names.clone());
+        async move {
+            for (ns, name) in &names {
+                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
+                if api.get_opt(name).await?.is_some() {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+    })
+    .await?;
+    step(
+        "stopping the agents (SIGTERM: each stops its ranks), the operator, kube-apiserver and etcd",
+    );
+    for a in &agents {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &a.pid().to_string()])
+            .status();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while agents.iter_mut().any(|a| a.ensure_running().is_ok()) {
+        if std::time::Instant::now() > deadline {
+            bail!("agents did not exit within 30 s of SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(op);
+    drop(agents);
     drop(cluster);
     Ok(())
 }
