@@ -65,7 +65,16 @@ hint_for() {
 need() { command -v "$1" >/dev/null 2>&1 || fail "'$1' is not on PATH" "$2"; }
 
 # ---------------------------------------------------------------- etcd
-etcd_ok() { [ -x "$BIN/etcd" ] && "$BIN/etcd" --version 2>/dev/null | grep -q "etcd Version: ${ETCD_VERSION#v}"; }
+# output_has CMD... -- TEXT: CMD's output contains TEXT. Captures first:
+# `cmd | grep -q` under pipefail fails at random when grep exits early and
+# cmd dies of SIGPIPE writing the rest.
+output_has() {
+  local text=${*: -1} out
+  out=$("${@:1:$#-2}" 2>/dev/null) || return 1
+  [[ $out == *"$text"* ]]
+}
+
+etcd_ok() { [ -x "$BIN/etcd" ] && output_has "$BIN/etcd" --version -- "etcd Version: ${ETCD_VERSION#v}"; }
 etcd_install() {
   need go "install Go >= 1.26"
   local mod="$CACHE/src/etcd-$ETCD_VERSION"
@@ -94,8 +103,8 @@ GO
 # ------------------------------------------------------ kube-apiserver
 kube_ok() {
   [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kubectl" ] &&
-    "$BIN/kube-apiserver" --version 2>/dev/null | grep -q "Kubernetes $KUBE_VERSION" &&
-    "$BIN/kubectl" version --client 2>/dev/null | grep -q "$KUBE_VERSION"
+    output_has "$BIN/kube-apiserver" --version -- "Kubernetes $KUBE_VERSION" &&
+    output_has "$BIN/kubectl" version --client -- "Client Version: $KUBE_VERSION"
 }
 kube_install() {
   need go "install Go >= 1.26"
@@ -142,7 +151,7 @@ GO
 }
 
 # ---------------------------------------------------------------- helm
-helm_ok() { [ -x "$BIN/helm" ] && "$BIN/helm" version --short 2>/dev/null | grep -q "^$HELM_VERSION"; }
+helm_ok() { [ -x "$BIN/helm" ] && output_has "$BIN/helm" version --short -- "$HELM_VERSION"; }
 helm_install() {
   need go "install Go >= 1.26"
   GOBIN="$BIN" go install -trimpath \
