@@ -52,34 +52,14 @@ async fn applied_deployment_runs_engines_on_its_trays_and_becomes_ready() {
     // One agent per tray, each starting rackscale-engine for its ranks.
     let engine = sibling("rackscale-engine").display().to_string();
     let mut agents = Vec::new();
+    let opts = harness::fleet::AgentOptions {
+        etcd: &etcd,
+        engine_bin: &engine,
+        time_scale: 100,
+        lease_ttl_seconds: 3,
+    };
     for node in rack.node_names() {
-        let port = free_port().unwrap();
-        let args = strings(&[
-            "--node",
-            &node,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--etcd",
-            &etcd,
-            "--lease-ttl-seconds",
-            "3",
-            "--sku",
-            "GB300",
-            "--gpu-product",
-            "NVIDIA-GB300",
-            "--gpu-memory-mib",
-            "294912",
-            "--clique",
-            &rack.clique(),
-            "--engine-bin",
-            &engine,
-            "--engine-arg=--sku=gb300",
-            "--engine-arg=--time-scale=100",
-            "--engine-arg=--listen=127.0.0.1:0",
-            &format!("--engine-arg=--node={node}"),
-            &format!("--engine-arg=--etcd-endpoints={etcd}"),
-            "--engine-arg=--lease-ttl-seconds=3",
-        ]);
+        let args = harness::fleet::agent_args(rack, &node, free_port().unwrap(), &opts);
         agents.push(
             ManagedProcess::spawn(&node, &sibling("rackscale-agent"), &args, dir.path()).unwrap(),
         );

@@ -26,6 +26,7 @@ pub mod bins;
 pub mod cluster;
 pub mod crds;
 pub mod etcd;
+pub mod fleet;
 pub mod kubeconfig;
 pub mod process;
 pub mod secrets;

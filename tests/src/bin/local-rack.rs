@@ -120,39 +120,15 @@ async fn main() -> Result<()> {
     // backend, 100x time scale) and registers in etcd.
     let etcd = cluster.etcd().endpoint().to_string();
     let mut agents = Vec::new();
+    let opts = harness::fleet::AgentOptions {
+        etcd: &etcd,
+        engine_bin: &engine_bin,
+        time_scale: 100,
+        lease_ttl_seconds: 10,
+    };
     for rack in topology.racks() {
-        let (sku, product, memory) = match rack.sku {
-            Sku::Gb300 => ("gb300", "NVIDIA-GB300", "294912"),
-            Sku::Gb200 => ("gb200", "NVIDIA-GB200", "196608"),
-        };
         for node in rack.node_names() {
-            let agent_port = free_port()?;
-            let args: Vec<String> = [
-                "--node",
-                &node,
-                "--listen",
-                &format!("127.0.0.1:{agent_port}"),
-                "--etcd",
-                &etcd,
-                "--sku",
-                &sku.to_uppercase(),
-                "--gpu-product",
-                product,
-                "--gpu-memory-mib",
-                memory,
-                "--clique",
-                &rack.clique(),
-                "--engine-bin",
-                &engine_bin,
-                &format!("--engine-arg=--sku={sku}"),
-                "--engine-arg=--time-scale=100",
-                "--engine-arg=--listen=127.0.0.1:0",
-                &format!("--engine-arg=--node={node}"),
-                &format!("--engine-arg=--etcd-endpoints={etcd}"),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let args = harness::fleet::agent_args(rack, &node, free_port()?, &opts);
             agents.push(ManagedProcess::spawn(&node, &agent_bin, &args, dir.path())?);
         }
     }
