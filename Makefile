@@ -67,6 +67,8 @@ bench: setup
 	@scripts/bench-planner.sh target/bench/planner.md
 	@echo "== placement at scale =="
 	@$(CARGO) bench -p operator --bench placement | tee target/bench/placement.md
+	@echo "== KV transfer and registry watch =="
+	@scripts/bench-transport.sh target/bench
 	@echo "reports in target/bench/"
 
 clean-cache:

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
-use crate::gpu::{NodeIdentity, SimulatedGpus};
+use crate::gpu::{ConfiguredGpus, NodeIdentity, SimulatedGpus};
 use crate::registration::RegistrationConfig;
 use crate::supervisor::{EngineCommand, RestartPolicy, SupervisorConfig};
 use crate::{Error, Result};
@@ -33,17 +33,26 @@ pub struct Args {
     /// Lease TTL in seconds.
     #[arg(long, env = "RACKSCALE_AGENT_LEASE_TTL_SECONDS", default_value_t = 10)]
     pub lease_ttl_seconds: u64,
-    /// Number of simulated GPUs.
+    /// Where the GPUs come from: `sim` (the `--gpu-*` flags) or `nvml` (the
+    /// NVIDIA driver; needs a build with `--features nvml`).
+    #[arg(
+        long,
+        env = "RACKSCALE_AGENT_GPU_SOURCE",
+        value_enum,
+        default_value_t = GpuSourceKind::Sim
+    )]
+    pub gpu_source: GpuSourceKind,
+    /// Number of simulated GPUs (`--gpu-source sim` only).
     #[arg(long, env = "RACKSCALE_AGENT_GPU_COUNT", default_value_t = 4)]
     pub gpu_count: u32,
-    /// Memory per simulated GPU, MiB.
+    /// Memory per simulated GPU, MiB (`--gpu-source sim` only).
     #[arg(
         long,
         env = "RACKSCALE_AGENT_GPU_MEMORY_MIB",
         default_value_t = 189_471
     )]
     pub gpu_memory_mib: u64,
-    /// GPU product name (GFD spelling).
+    /// Simulated GPU product name, GFD spelling (`--gpu-source sim` only).
     #[arg(
         long,
         env = "RACKSCALE_AGENT_GPU_PRODUCT",
@@ -91,13 +100,22 @@ pub struct Args {
     pub log_json: bool,
 }
 
+/// Values of `--gpu-source`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GpuSourceKind {
+    /// GPUs described by the `--gpu-*` flags.
+    Sim,
+    /// GPUs discovered through NVML.
+    Nvml,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Who this node is.
     pub identity: NodeIdentity,
-    /// Simulated GPUs.
-    pub gpus: SimulatedGpus,
+    /// Where the GPUs come from.
+    pub gpus: ConfiguredGpus,
     /// `AgentService` listen address.
     pub listen: SocketAddr,
     /// `/metrics` listen address.
@@ -121,7 +139,7 @@ impl TryFrom<Args> for Config {
         if args.node.is_empty() || args.node.contains('/') {
             return Err(Error::Config("--node must be non-empty without '/'".into()));
         }
-        if args.gpu_count == 0 {
+        if args.gpu_source == GpuSourceKind::Sim && args.gpu_count == 0 {
             return Err(Error::Config("--gpu-count must be at least 1".into()));
         }
         if args.lease_ttl_seconds == 0 {
@@ -134,22 +152,18 @@ impl TryFrom<Args> for Config {
                 "need 0 < --restart-base-ms <= --restart-max-ms".into(),
             ));
         }
+        let gpus = gpu_source(&args)?;
         let address = args
             .advertise
             .clone()
             .unwrap_or_else(|| args.listen.to_string());
         Ok(Self {
             identity: NodeIdentity {
-                node: args.node.clone(),
+                node: args.node,
                 sku: args.sku,
                 clique: args.clique,
             },
-            gpus: SimulatedGpus {
-                count: args.gpu_count,
-                memory_mib: args.gpu_memory_mib,
-                product: args.gpu_product,
-                node: args.node,
-            },
+            gpus,
             listen: args.listen,
             metrics_listen: args.metrics_listen,
             etcd: args.etcd.into_iter().filter(|e| !e.is_empty()).collect(),
@@ -176,26 +190,87 @@ impl TryFrom<Args> for Config {
     }
 }
 
+/// The GPU source `--gpu-source` selects; NVML in a build without the `nvml`
+/// feature is refused here, at startup, rather than at discovery.
+fn gpu_source(args: &Args) -> Result<ConfiguredGpus> {
+    match args.gpu_source {
+        GpuSourceKind::Sim => Ok(ConfiguredGpus::Simulated(SimulatedGpus {
+            count: args.gpu_count,
+            memory_mib: args.gpu_memory_mib,
+            product: args.gpu_product.clone(),
+            node: args.node.clone(),
+        })),
+        #[cfg(feature = "nvml")]
+        GpuSourceKind::Nvml => Ok(ConfiguredGpus::Nvml(crate::gpu::NvmlGpus)),
+        #[cfg(not(feature = "nvml"))]
+        GpuSourceKind::Nvml => Err(Error::Config(
+            "--gpu-source nvml needs NVML support, which this build lacks; \
+             rebuild rackscale-agent with `--features nvml`"
+                .into(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn args(extra: &[&str]) -> Args {
+        let base = ["rackscale-agent", "--node=n1", "--engine-bin=/bin/true"];
+        Args::try_parse_from(base.iter().chain(extra)).unwrap()
+    }
+
     #[test]
     fn flags_validate() {
-        let args = Args::try_parse_from([
-            "rackscale-agent",
-            "--node=n1",
-            "--engine-bin=/bin/true",
-            "--gpu-count=4",
-        ])
-        .unwrap();
+        let args = args(&["--gpu-count=4"]);
         let config = Config::try_from(args.clone()).unwrap();
         assert_eq!(config.registration.ttl, Duration::from_secs(10));
-        assert_eq!(config.gpus.count, 4);
+        assert!(matches!(
+            config.gpus,
+            ConfiguredGpus::Simulated(SimulatedGpus { count: 4, .. })
+        ));
         let bad = Args {
             gpu_count: 0,
             ..args
         };
         assert!(matches!(Config::try_from(bad), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn gpu_source_defaults_to_sim() {
+        assert_eq!(args(&[]).gpu_source, GpuSourceKind::Sim);
+        assert_eq!(args(&["--gpu-source=sim"]).gpu_source, GpuSourceKind::Sim);
+        assert_eq!(
+            args(&["--gpu-source", "nvml"]).gpu_source,
+            GpuSourceKind::Nvml
+        );
+        assert!(
+            Args::try_parse_from([
+                "rackscale-agent",
+                "--node=n1",
+                "--engine-bin=/bin/true",
+                "--gpu-source=cuda",
+            ])
+            .is_err()
+        );
+    }
+
+    #[cfg(not(feature = "nvml"))]
+    #[test]
+    fn nvml_without_the_feature_is_refused_at_config_time() {
+        match Config::try_from(args(&["--gpu-source=nvml"])) {
+            Err(Error::Config(message)) => {
+                assert!(message.contains("--features nvml"), "{message}");
+            }
+            other => panic!("expected a configuration error, got {other:?}"),
+        }
+    }
+
+    #[cfg(feature = "nvml")]
+    #[test]
+    fn nvml_with_the_feature_selects_nvml() {
+        // The simulated-GPU flags do not apply to NVML, so a zero count is fine.
+        let config = Config::try_from(args(&["--gpu-source=nvml", "--gpu-count=0"])).unwrap();
+        assert_eq!(config.gpus, ConfiguredGpus::Nvml(crate::gpu::NvmlGpus));
     }
 }

@@ -48,6 +48,15 @@ pub enum Error {
         /// The generation that runs.
         running: u64,
     },
+    /// The same rank and generation runs on other GPUs (the worker moved);
+    /// stop it first.
+    #[error("rank {rank} already runs on GPUs {gpus:?}; stop it first")]
+    RankMoved {
+        /// The rank, `namespace/deployment/worker#rank`.
+        rank: String,
+        /// The GPUs it holds.
+        gpus: Vec<u32>,
+    },
     /// No such rank is supervised.
     #[error("no rank {0} on this node")]
     RankNotFound(String),
@@ -77,6 +86,7 @@ impl Error {
             Self::GpuUnusable { .. } => "gpu_unusable",
             Self::GpuInUse { .. } => "gpu_in_use",
             Self::RankConflict { .. } => "rank_conflict",
+            Self::RankMoved { .. } => "rank_moved",
             Self::RankNotFound(_) => "rank_not_found",
             Self::Spawn(_) => "spawn",
             Self::Config(_) => "config",
@@ -101,9 +111,10 @@ impl From<Error> for tonic::Status {
         let message = err.to_string();
         match err {
             Error::InvalidSpec(_) | Error::UnknownGpu { .. } => Self::invalid_argument(message),
-            Error::GpuUnusable { .. } | Error::GpuInUse { .. } | Error::RankConflict { .. } => {
-                Self::failed_precondition(message)
-            }
+            Error::GpuUnusable { .. }
+            | Error::GpuInUse { .. }
+            | Error::RankConflict { .. }
+            | Error::RankMoved { .. } => Self::failed_precondition(message),
             Error::RankNotFound(_) => Self::not_found(message),
             Error::StopTimeout(_) => Self::deadline_exceeded(message),
             Error::ShuttingDown | Error::Registry(_) => Self::unavailable(message),

@@ -1,15 +1,22 @@
 //! GPU discovery and the node's GPU health table.
 //!
-//! A [`GpuSource`] says which GPUs the node has. Only [`SimulatedGpus`]
-//! exists in this round: NVML discovery belongs behind the `nvml` cargo
-//! feature, which is declared but empty (the `nvml` crate is not a
-//! dependency yet). [`GpuTable`] owns the current health of every GPU; health
-//! changes (from a fault-injection hook today, NVML XID events later) go
-//! through it so that exactly one place decides what "healthy" means.
+//! A [`GpuSource`] says which GPUs the node has: [`SimulatedGpus`] describes
+//! them from flags; `NvmlGpus` (module `nvml`, only with the `nvml` cargo
+//! feature) asks the NVIDIA driver. [`ConfiguredGpus`] is the one the flags
+//! chose. Product names use GPU Feature Discovery's spelling
+//! ([`gfd_product`]) whichever source reports them. [`GpuTable`] owns the
+//! current health of every GPU; health changes (from a fault-injection hook
+//! today, NVML XID events later) go through it so that exactly one place
+//! decides what "healthy" means.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
 use proto::types::{Gpu, GpuHealth};
+
+#[cfg(feature = "nvml")]
+mod nvml;
+#[cfg(feature = "nvml")]
+pub use nvml::NvmlGpus;
 
 /// What a node reports about itself, besides its GPUs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +61,38 @@ impl GpuSource for SimulatedGpus {
             })
             .collect())
     }
+}
+
+/// The GPU source the configuration selected (`--gpu-source`).
+///
+/// An enum rather than a boxed trait object so that `Config` stays `Clone`
+/// and `Debug`. The `Nvml` variant exists only in builds with the `nvml`
+/// feature, so a build without it cannot be configured to use NVML.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfiguredGpus {
+    /// GPUs described by flags.
+    Simulated(SimulatedGpus),
+    /// GPUs discovered through NVML.
+    #[cfg(feature = "nvml")]
+    Nvml(NvmlGpus),
+}
+
+impl GpuSource for ConfiguredGpus {
+    fn discover(&self) -> crate::Result<Vec<Gpu>> {
+        match self {
+            Self::Simulated(source) => source.discover(),
+            #[cfg(feature = "nvml")]
+            Self::Nvml(source) => source.discover(),
+        }
+    }
+}
+
+/// A product name as GPU Feature Discovery spells it in the
+/// `nvidia.com/gpu.product` label: NVML's name with every space replaced by a
+/// dash (`NVIDIA GB200` becomes `NVIDIA-GB200`), so that what the agent
+/// reports matches the node labels the operator reads.
+pub fn gfd_product(nvml_name: &str) -> String {
+    nvml_name.replace(' ', "-")
 }
 
 /// A health change of one GPU.
@@ -166,6 +205,31 @@ mod tests {
             && g.health == GpuHealth::Healthy
             && g.memory_mib == 1000));
         assert_eq!(gpus[2].uuid, "GPU-sim-n1-2");
+    }
+
+    #[test]
+    fn gfd_product_replaces_spaces_with_dashes() {
+        assert_eq!(gfd_product("NVIDIA GB200"), "NVIDIA-GB200");
+        assert_eq!(
+            gfd_product("NVIDIA H100 80GB HBM3"),
+            "NVIDIA-H100-80GB-HBM3"
+        );
+        assert_eq!(gfd_product("NVIDIA-GB200"), "NVIDIA-GB200");
+        assert_eq!(gfd_product(""), "");
+    }
+
+    #[test]
+    fn configured_simulated_source_discovers_like_the_simulation() {
+        let sim = SimulatedGpus {
+            count: 2,
+            memory_mib: 10,
+            product: "NVIDIA-GB200".into(),
+            node: "n1".into(),
+        };
+        assert_eq!(
+            ConfiguredGpus::Simulated(sim.clone()).discover().unwrap(),
+            sim.discover().unwrap()
+        );
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! rackscale's node agent, one per compute tray.
 //!
-//! Owns GPU discovery ([`gpu`]: simulated GPUs; NVML belongs behind the `nvml`
-//! cargo feature, which is declared but not implemented in this round), the
+//! Owns GPU discovery ([`gpu`]: simulated GPUs, or NVML with the `nvml` cargo
+//! feature and `--gpu-source nvml`), the
 //! [`supervisor`] of engine rank processes, the `AgentService` gRPC server
 //! ([`service`]), the agent's lease in the registry ([`registration`]) and
 //! its Prometheus metrics ([`metrics`], served with the fault-injection hook by [`http`]). [`node::Node`] ties them together;
+//! [`withdraw`] removes an exited rank's registry keys at once.
 //! [`config`] turns the binary's flags into a validated configuration.
 
 pub mod config;
@@ -19,5 +20,6 @@ pub mod registration;
 pub mod service;
 pub mod supervisor;
 pub mod wire;
+pub mod withdraw;
 
 pub use error::{Error, Result};

@@ -1,6 +1,7 @@
 //! `rackscale-agent`: the node agent binary. Parses flags, discovers GPUs,
-//! serves `AgentService` (+ gRPC health) and `/metrics`, registers in etcd,
-//! and on SIGTERM/ctrl-c stops every rank within its grace period.
+//! serves `AgentService` (+ gRPC health and reflection) and `/metrics`,
+//! registers in etcd, and on SIGTERM/ctrl-c stops every rank within its grace
+//! period.
 
 use std::time::Duration;
 
@@ -62,6 +63,11 @@ async fn main() -> anyhow::Result<()> {
     } else {
         let registry =
             proto::registry::Registry::connect(&config.etcd, Duration::from_secs(5)).await?;
+        tokio::spawn(agent::withdraw::run(
+            registry.clone(),
+            node.events().clone(),
+            config.registration.call_timeout,
+        ));
         Some(tokio::spawn(agent::registration::run(
             registry,
             node.clone(),

@@ -130,6 +130,8 @@ pub struct RankStatus {
     pub pid: u32,
     /// GPU indices it holds.
     pub gpus: Vec<u32>,
+    /// Ranks in its worker.
+    pub world_size: u32,
     /// When the current process was started.
     pub started_at: Option<SystemTime>,
     /// Exit code of the last exit; `None` while running or when killed by a signal.

@@ -1,4 +1,5 @@
-//! The `AgentService` gRPC server (plus the standard gRPC health service).
+//! The `AgentService` gRPC server (plus the standard gRPC health service and
+//! gRPC reflection, v1).
 //!
 //! A thin edge: requests are validated into domain types ([`crate::wire`]),
 //! handed to the [`Node`]'s supervisor, and answers converted back. The server
@@ -10,12 +11,13 @@ use std::time::{Duration, SystemTime};
 
 use futures::{Stream, StreamExt};
 use proto::pb;
-use proto::pb::agent_service_server::{AgentService, AgentServiceServer};
+use proto::pb::agent_service_server::{self, AgentService, AgentServiceServer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::{BroadcastStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
+use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
 use tracing::instrument;
 
 use crate::events::{Event, EventKind};
@@ -170,8 +172,9 @@ impl AgentService for AgentApi {
     }
 }
 
-/// Serves `AgentService` and `grpc.health.v1.Health` on `listener` until
-/// `shutdown` completes.
+/// Serves `AgentService`, `grpc.health.v1.Health` and reflection
+/// (`grpc.reflection.v1.ServerReflection`) on `listener` until `shutdown`
+/// completes.
 pub async fn serve(
     listener: TcpListener,
     node: Node,
@@ -188,7 +191,23 @@ pub async fn serve(
         .await;
     tonic::transport::Server::builder()
         .add_service(health_service)
+        .add_optional_service(reflection())
         .add_service(AgentServiceServer::new(AgentApi::new(node, closing)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
+}
+
+/// Reflection over exactly the services [`serve`] serves. It only helps
+/// humans with `grpcurl`, so a (never expected) failure to build it from the
+/// compiled-in descriptors is logged rather than fatal.
+fn reflection() -> Option<ServerReflectionServer<impl ServerReflection>> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(agent_service_server::SERVICE_NAME)
+        .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
+        .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
+        .build_v1()
+        .inspect_err(|e| tracing::warn!(error = %e, "gRPC reflection disabled"))
+        .ok()
 }

@@ -115,6 +115,8 @@ impl From<RankStatus> for pb::RankStatus {
             started_at: status.started_at.map(Into::into),
             exit_code: status.exit_code,
             message: status.message,
+            restarts: status.restarts,
+            world_size: status.world_size,
         }
     }
 }

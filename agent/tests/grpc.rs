@@ -24,6 +24,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 struct Agent {
     node: Node,
+    channel: Channel,
     client: AgentServiceClient<Channel>,
     stop: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
@@ -64,10 +65,11 @@ impl Agent {
             })
             .await;
         });
-        let client = AgentServiceClient::connect(address).await?;
+        let channel = Channel::from_shared(address)?.connect().await?;
         Ok(Self {
             node,
-            client,
+            client: AgentServiceClient::new(channel.clone()),
+            channel,
             stop: Some(stop),
             server,
         })
@@ -350,5 +352,48 @@ async fn a_rank_that_keeps_crashing_is_given_up() -> Result<()> {
     assert_eq!(status.restarts, 3);
     // Its GPU is free again.
     launch(&mut agent, spec("w1", 0, &[0])).await?;
+    agent.shutdown().await
+}
+
+#[tokio::test]
+async fn health_and_reflection_are_served_next_to_the_agent_service() -> Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let agent = Agent::start("exec sleep 30").await?;
+    let health = HealthClient::new(agent.channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "rackscale.v1.AgentService".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(health.status, ServingStatus::Serving as i32);
+
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = ServerReflectionClient::new(agent.channel.clone())
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
+    let reply = replies.message().await?.context("no reflection reply")?;
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        bail!("unexpected reflection reply {:?}", reply.message_response);
+    };
+    let mut services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    services.sort();
+    assert_eq!(
+        services,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "rackscale.v1.AgentService",
+        ]
+    );
+    drop(replies);
     agent.shutdown().await
 }

@@ -6,7 +6,10 @@
 //!   evaluated in the calibration CSV's own terms.
 //! - `calibrate`: fits the perf model's free parameters to measured recipes
 //!   and writes the constants that are checked in.
+//! - `bench`: drives an OpenAI-compatible endpoint with InferenceX's workload
+//!   and reports tok/s/GPU, tok/s/user, TTFT, TPOT and failures.
 
+mod bench;
 mod calibrate;
 mod plan;
 mod svg;
@@ -27,6 +30,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Fit the performance model to measured recipes and write its constants.
     Calibrate(calibrate::CalibrateArgs),
+    /// Load-test an OpenAI-compatible endpoint; report InferenceX figures.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -34,6 +39,7 @@ fn main() {
     let result = match cli.command {
         Command::Plan(args) => plan::run(args),
         Command::Calibrate(args) => calibrate::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

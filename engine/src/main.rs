@@ -1,5 +1,6 @@
 //! `rackscale-engine`: one engine worker (simulated backend) serving
-//! `EngineService` until SIGINT/SIGTERM.
+//! `EngineService`, gRPC health and reflection, and `GET /metrics`, all on
+//! `--listen`, until SIGINT/SIGTERM.
 
 use std::time::Duration;
 
@@ -12,7 +13,9 @@ use perfmodel::{ModelProfile, Parallelism, Sku};
 #[derive(Debug, Parser)]
 #[command(name = "rackscale-engine", version, about)]
 struct Args {
-    /// Worker role: prefill, decode or both.
+    /// Worker role: prefill, decode or both; or `frontend`: the OpenAI API
+    /// routing each request prefill -> KV transfer -> decode over the
+    /// registered workers of --namespace/--deployment.
     #[arg(long, env = "RACKSCALE_ROLE", default_value = "both")]
     role: String,
     /// Built-in model profile.
@@ -60,9 +63,13 @@ struct Args {
     /// etcd endpoints of the registry; rank 0 registers the worker there.
     #[arg(long, env = "RACKSCALE_ETCD_ENDPOINTS", value_delimiter = ',')]
     etcd_endpoints: Vec<String>,
-    /// This rank's index in the worker (only rank 0 registers).
+    /// This rank's index in the worker; rank 0 forms the group and
+    /// registers the worker once every rank is up.
     #[arg(long, env = "RACKSCALE_RANK", default_value_t = 0)]
     rank: u32,
+    /// Ranks (processes, one per tray) in the worker.
+    #[arg(long, env = "RACKSCALE_WORLD_SIZE", default_value_t = 1)]
+    world_size: u32,
     /// Node (compute tray) this rank runs on, as registered (an agent passes
     /// it among the engine arguments it is configured with).
     #[arg(long, env = "RACKSCALE_NODE", default_value = "unknown")]
@@ -70,6 +77,13 @@ struct Args {
     /// GPU indices of this rank, comma-separated.
     #[arg(long, env = "RACKSCALE_GPU_INDICES", value_delimiter = ',')]
     gpu_indices: Vec<u32>,
+    /// Frontend: requests admitted at once; more get 429.
+    #[arg(long, env = "RACKSCALE_FRONTEND_MAX_IN_FLIGHT", default_value_t = 4096)]
+    max_in_flight: u32,
+    /// Stop when the parent process (the node agent that started this rank)
+    /// dies, so no rank outlives its supervisor. Agents set it.
+    #[arg(long, env = "RACKSCALE_EXIT_WITH_PARENT", default_value_t = false)]
+    exit_with_parent: bool,
     /// Registry lease TTL in seconds: how long after a crash the worker's
     /// keys disappear.
     #[arg(long, env = "RACKSCALE_ENGINE_LEASE_TTL_SECONDS", default_value_t = 10)]
@@ -79,6 +93,12 @@ struct Args {
 impl Args {
     fn config(&self) -> anyhow::Result<EngineConfig> {
         let role: Role = self.role.parse()?;
+        anyhow::ensure!(
+            self.world_size >= 1 && self.rank < self.world_size,
+            "--rank {} must be below --world-size {}",
+            self.rank,
+            self.world_size
+        );
         let model = ModelProfile::builtin(&self.model)?;
         let sku: Sku = self.sku.parse()?;
         // A width of 1 on one axis means "not split" (the agent passes both).
@@ -107,12 +127,80 @@ impl Args {
     }
 }
 
+/// Resolves when the process that started the engine (its node agent) has
+/// died: a rank must not outlive the agent that supervises and reports it,
+/// or a re-placed worker could find its old ranks still serving.
+async fn orphaned() {
+    let parent = std::os::unix::process::parent_id();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        if std::os::unix::process::parent_id() != parent {
+            return;
+        }
+    }
+}
+
+/// SIGINT or SIGTERM.
+async fn stop_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// `--role frontend`: the OpenAI API over the deployment's workers.
+async fn frontend(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !args.etcd_endpoints.is_empty() && !args.deployment.is_empty(),
+        "--role frontend needs --etcd-endpoints and --deployment (and --namespace) to find the workers"
+    );
+    let model = ModelProfile::builtin(&args.model)?;
+    let timeout = Duration::from_secs(5);
+    let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
+        .await
+        .context("connecting to the etcd registry")?;
+    let pool = engine::frontend::pool::Pool::new(timeout);
+    pool.follow(registry, &args.namespace, &args.deployment);
+    let mut config = engine::frontend::RouterConfig::new(model.name.clone());
+    config.max_in_flight = args.max_in_flight;
+    let router = engine::frontend::Router::new(pool, config);
+    let limits = engine::openai::Limits {
+        max_queue: args.max_in_flight,
+        ..engine::openai::Limits::for_context(args.max_context)
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, deployment = %format!("{}/{}", args.namespace, args.deployment), "frontend serving");
+    let tokenizer = std::sync::Arc::new(engine::openai::SimTokenizer::new(model.vocab));
+    engine::frontend::serve(
+        listener,
+        router,
+        tokenizer,
+        limits,
+        prometheus::Registry::new(),
+        async {
+            if let Err(e) = stop_signal().await {
+                tracing::warn!(error = %e, "no signal handler; stopping");
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     let args = Args::parse();
+    if args.role == "frontend" {
+        return frontend(args).await;
+    }
     let config = args.config()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -121,10 +209,12 @@ async fn main() -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let metrics = EngineMetrics::register(&registry)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let exit_with_parent = args.exit_with_parent;
     let shutdown = async move {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
+            _ = orphaned(), if exit_with_parent => tracing::warn!("parent process (the node agent) is gone; stopping"),
         }
     };
     let local = listener.local_addr()?;
@@ -133,7 +223,7 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("http://{local}"));
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
-    let registration = if args.etcd_endpoints.is_empty() || args.rank != 0 {
+    let registration = if args.etcd_endpoints.is_empty() {
         None
     } else {
         let timeout = Duration::from_secs(5);
@@ -144,27 +234,34 @@ async fn main() -> anyhow::Result<()> {
             perfmodel::Parallelism::Tp(t) => proto::types::Shape { tp: t, ep: 1 },
             perfmodel::Parallelism::Ep(e) => proto::types::Shape { tp: 1, ep: e },
         };
-        let record = proto::records::WorkerRecord {
-            id: proto::types::WorkerId::new(&args.namespace, &args.deployment, &args.worker),
+        let rank = proto::records::RankRecord {
+            worker: proto::types::WorkerId::new(&args.namespace, &args.deployment, &args.worker),
+            endpoint: proto::records::RankEndpoint {
+                rank: args.rank,
+                node: args.node.clone(),
+                gpu_indices: if args.gpu_indices.is_empty() {
+                    // Started by hand, not by an agent: this rank's share
+                    // of the worker's GPUs, counted from 0.
+                    let width = args.tp.max(args.ep).unwrap_or(1).max(1);
+                    (0..width.div_ceil(args.world_size.max(1))).collect()
+                } else {
+                    args.gpu_indices.clone()
+                },
+                grpc_endpoint: endpoint.clone(),
+                kv_endpoint: endpoint.clone(),
+            },
+            generation: args.generation,
+            world_size: args.world_size,
+        };
+        let reg = engine::registration::Registration {
+            registry,
+            rank,
             role: match config.role {
                 Role::Prefill => proto::types::Role::Prefill,
                 Role::Decode => proto::types::Role::Decode,
                 Role::Both => proto::types::Role::Both,
             },
             shape,
-            ranks: vec![proto::records::RankEndpoint {
-                rank: 0,
-                node: args.node.clone(),
-                gpu_indices: args.gpu_indices.clone(),
-                grpc_endpoint: endpoint.clone(),
-                kv_endpoint: endpoint.clone(),
-            }],
-            state: proto::records::WorkerState::Ready,
-            generation: args.generation,
-        };
-        let reg = engine::registration::Registration {
-            registry,
-            record,
             ttl: Duration::from_secs(args.lease_ttl_seconds),
             interval: Duration::from_secs(1),
             timeout,

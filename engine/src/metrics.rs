@@ -1,8 +1,11 @@
 //! Prometheus metrics of one engine worker, including the Gateway API
 //! Inference Extension gauges under their vLLM names so an inference gateway
 //! can pick endpoints without knowing rackscale.
+//!
+//! The scheduler keeps the gauges current (it publishes after every loop
+//! turn); [`crate::server`] serves [`EngineMetrics::render`] as `GET /metrics`.
 
-use prometheus::{Gauge, IntCounter, IntGauge, Registry};
+use prometheus::{Gauge, IntCounter, IntGauge, Registry, TextEncoder};
 
 use crate::error::Result;
 
@@ -20,9 +23,11 @@ pub mod names {
     pub const KV_SENT: &str = "rackscale_engine_kv_sent_bytes_total";
 }
 
-/// Handles on the registered metrics; cheap to clone.
+/// Handles on the registered metrics, and the registry they were registered
+/// into (what `/metrics` exposes); cheap to clone.
 #[derive(Debug, Clone)]
 pub struct EngineMetrics {
+    registry: Registry,
     /// [`names::WAITING`].
     pub waiting: IntGauge,
     /// [`names::RUNNING`].
@@ -36,9 +41,11 @@ pub struct EngineMetrics {
 }
 
 impl EngineMetrics {
-    /// Metrics not registered anywhere (tests, or when none are served).
+    /// Metrics not registered anywhere (tests, or when none are served);
+    /// [`Self::render`] then renders nothing.
     pub fn unregistered() -> Result<Self> {
         Ok(Self {
+            registry: Registry::new(),
             waiting: IntGauge::new(names::WAITING, "Requests waiting to be scheduled")?,
             running: IntGauge::new(names::RUNNING, "Requests in the running batch")?,
             kv_usage: Gauge::new(names::KV_USAGE, "Fraction of KV cache blocks in use")?,
@@ -47,9 +54,14 @@ impl EngineMetrics {
         })
     }
 
-    /// Creates the metrics and registers them into `registry`.
+    /// Creates the metrics and registers them into `registry`, which
+    /// [`Self::render`] then exposes whole (with anything else the caller
+    /// registered there).
     pub fn register(registry: &Registry) -> Result<Self> {
-        let m = Self::unregistered()?;
+        let m = Self {
+            registry: registry.clone(),
+            ..Self::unregistered()?
+        };
         registry.register(Box::new(m.waiting.clone()))?;
         registry.register(Box::new(m.running.clone()))?;
         registry.register(Box::new(m.kv_usage.clone()))?;
@@ -57,12 +69,22 @@ impl EngineMetrics {
         registry.register(Box::new(m.kv_sent_bytes.clone()))?;
         Ok(m)
     }
+
+    /// The registry [`Self::render`] exposes, for other components of the
+    /// worker to register their metrics into (the OpenAI surface's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The registry in the Prometheus text exposition format.
+    pub fn render(&self) -> Result<String> {
+        Ok(TextEncoder::new().encode_to_string(&self.registry.gather())?)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prometheus::Encoder;
 
     #[test]
     fn exposes_vllm_gauge_names() {
@@ -70,11 +92,7 @@ mod tests {
         let m = EngineMetrics::register(&registry).expect("register");
         m.waiting.set(3);
         m.kv_usage.set(0.25);
-        let mut out = Vec::new();
-        prometheus::TextEncoder::new()
-            .encode(&registry.gather(), &mut out)
-            .expect("encode");
-        let text = String::from_utf8(out).expect("utf8");
+        let text = m.render().expect("render");
         assert!(text.contains("vllm:num_requests_waiting 3"), "{text}");
         assert!(text.contains("vllm:num_requests_running 0"), "{text}");
         assert!(text.contains("vllm:kv_cache_usage_perc 0.25"), "{text}");

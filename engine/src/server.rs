@@ -1,27 +1,40 @@
 //! The `EngineService` gRPC edge: converts wire types to scheduler commands,
 //! holds prefilled KV for pulling, pulls KV before decoding, and drains.
+//! [`serve`] puts it on one port next to the gRPC health and reflection
+//! services, `GET /metrics` and the OpenAI API ([`crate::openai`]; a worker
+//! of role `both` answers it in place, other roles with 503).
 //!
 //! Invariants: proto types stop here; every Prefill/Decode call counts as in
 //! flight until its reply (or its token stream) ends, which is what Drain
-//! waits for.
+//! waits for; health reports SERVING until the worker drains or shuts down,
+//! then NOT_SERVING.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use axum::serve::ListenerExt;
 use proto::pb;
-use proto::pb::engine_service_client::EngineServiceClient;
-use proto::pb::engine_service_server::{EngineService, EngineServiceServer};
+use proto::pb::engine_service_server::{self, EngineService, EngineServiceServer};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
 
 use crate::config::{Budgets, EngineConfig, Role};
 use crate::error::{Error, Result};
+use crate::generate::GenerateError;
 use crate::kv::KvStore;
 use crate::metrics::EngineMetrics;
+use crate::openai::local::{Admission, AdmissionGuard};
+use crate::openai::{self, Limits, LocalGenerator, OpenAiMetrics, SimTokenizer};
 use crate::scheduler::{DecodeJob, Finish, Scheduler};
 use crate::sim::{self, SimBackend};
 
@@ -63,7 +76,8 @@ pub struct Engine {
     kv: Arc<KvStore>,
     metrics: EngineMetrics,
     endpoint: String,
-    draining: AtomicBool,
+    /// Turns true once on Drain or shutdown; never back.
+    draining: watch::Sender<bool>,
     in_flight: InFlight,
 }
 
@@ -88,7 +102,7 @@ impl Engine {
             budgets,
             metrics,
             endpoint,
-            draining: AtomicBool::new(false),
+            draining: watch::channel(false).0,
             in_flight: InFlight(Arc::new(watch::channel(0).0)),
         })
     }
@@ -100,7 +114,7 @@ impl Engine {
                 call,
             });
         }
-        if self.draining.load(Ordering::SeqCst) {
+        if *self.draining.borrow() {
             return Err(Error::Draining);
         }
         Ok(self.in_flight.enter())
@@ -150,55 +164,12 @@ impl Engine {
 
     /// Pulls the KV named by `handle` and checks its size and checksum.
     async fn pull(&self, handle: &pb::KvHandle) -> Result<u64> {
-        let mut client = EngineServiceClient::connect(handle.kv_endpoint.clone())
-            .await
-            .map_err(|e| Error::KvTransfer(format!("connect {}: {e}", handle.kv_endpoint)))?
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
-        let mut stream = client
-            .pull_kv(pb::PullKvRequest {
-                kv_id: handle.id.clone(),
-                max_chunk_bytes: self.config.kv_chunk_bytes,
-            })
-            .await
-            .map_err(|s| Error::KvTransfer(s.message().to_string()))?
-            .into_inner();
-        let mut data = Vec::with_capacity(handle.bytes as usize);
-        let mut last = false;
-        while let Some(chunk) = stream
-            .message()
-            .await
-            .map_err(|s| Error::KvTransfer(s.message().to_string()))?
-        {
-            if chunk.offset != data.len() as u64 || last {
-                return Err(Error::KvCorrupt(format!(
-                    "chunk at offset {} after {} bytes",
-                    chunk.offset,
-                    data.len()
-                )));
-            }
-            self.metrics
-                .kv_received_bytes
-                .inc_by(chunk.data.len() as u64);
-            data.extend_from_slice(&chunk.data);
-            last = chunk.last;
-        }
-        let got = data.len() as u64;
-        if !last || got != handle.bytes {
-            return Err(Error::KvCorrupt(format!(
-                "received {got} of {} bytes",
-                handle.bytes
-            )));
-        }
-        let id = handle.id.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            sim::checksum(&data) == sim::expected_checksum(&id, got)
-        })
+        crate::kv::pull(
+            handle,
+            self.config.kv_chunk_bytes,
+            &self.metrics.kv_received_bytes,
+        )
         .await
-        .map_err(|e| Error::KvTransfer(format!("checksum task failed: {e}")))?;
-        if !ok {
-            return Err(Error::KvCorrupt("checksum mismatch".into()));
-        }
-        Ok(got)
     }
 
     async fn do_decode(
@@ -275,7 +246,7 @@ impl Engine {
     }
 
     async fn do_drain(&self, req: pb::DrainRequest) -> Result<pb::DrainResponse> {
-        self.draining.store(true, Ordering::SeqCst);
+        self.draining.send_replace(true);
         let timeout = req
             .timeout
             .and_then(|d| Duration::try_from(d).ok())
@@ -304,7 +275,7 @@ impl Engine {
                 Role::Decode => pb::Role::Decode,
                 Role::Both => pb::Role::Both,
             } as i32,
-            draining: self.draining.load(Ordering::SeqCst),
+            draining: *self.draining.borrow(),
             load: Some(pb::EngineLoad {
                 queue_depth: load.queue_depth,
                 running: load.running,
@@ -318,8 +289,6 @@ impl Engine {
         })
     }
 }
-
-type KvChunkStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::KvChunk, Status>>>;
 
 #[tonic::async_trait]
 impl EngineService for Engine {
@@ -342,7 +311,7 @@ impl EngineService for Engine {
         Ok(Response::new(self.do_decode(request.into_inner()).await?))
     }
 
-    type PullKvStream = KvChunkStream;
+    type PullKvStream = crate::kv::KvChunks;
 
     #[tracing::instrument(skip_all, fields(kv_id = %request.get_ref().kv_id))]
     async fn pull_kv(
@@ -369,26 +338,8 @@ impl EngineService for Engine {
             n => n.min(self.config.kv_chunk_bytes),
         } as usize;
         let len = data.len();
-        let mut chunks: Vec<_> = data
-            .chunks(chunk)
-            .enumerate()
-            .map(|(i, c)| {
-                Ok(pb::KvChunk {
-                    offset: (i * chunk) as u64,
-                    data: c.to_vec(),
-                    last: (i * chunk + c.len()) == len,
-                })
-            })
-            .collect();
-        if chunks.is_empty() {
-            chunks.push(Ok(pb::KvChunk {
-                offset: 0,
-                data: Vec::new(),
-                last: true,
-            }));
-        }
         self.metrics.kv_sent_bytes.inc_by(len as u64);
-        Ok(Response::new(tokio_stream::iter(chunks)))
+        Ok(Response::new(crate::kv::KvChunks::new(data, chunk)))
     }
 
     async fn drain(
@@ -406,8 +357,55 @@ impl EngineService for Engine {
     }
 }
 
-/// Serves `EngineService` for `config` on `listener` until `shutdown`
-/// resolves. Metrics go into `metrics` (see [`EngineMetrics::register`]).
+/// OpenAI requests on this worker: role `both` only (disaggregated pools
+/// are reached through the frontend), none once draining; the guard counts
+/// the request in flight, so Drain waits for it.
+impl Admission for Engine {
+    fn admit(&self) -> Result<AdmissionGuard, GenerateError> {
+        match self.admit("the OpenAI API", self.config.role == Role::Both) {
+            Ok(guard) => Ok(Box::new(guard)),
+            Err(e) => Err(GenerateError::Unavailable(e.to_string())),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.config.role == Role::Both && !*self.draining.borrow()
+    }
+}
+
+/// The OpenAI API over this worker in aggregated mode, its metrics in the
+/// registry `/metrics` renders.
+fn openai_api(engine: &Arc<Engine>, metrics: &EngineMetrics) -> Result<axum::Router> {
+    let config = &engine.config;
+    let limits = Limits {
+        max_queue: u32::try_from(config.max_waiting).unwrap_or(u32::MAX),
+        ..Limits::for_context(config.max_context)
+    };
+    let generator = LocalGenerator::new(
+        engine.scheduler.clone(),
+        engine.budgets,
+        config.model.name.clone(),
+        &limits,
+    )
+    .with_admission(Arc::clone(engine) as Arc<dyn Admission>);
+    let tokenizer = Arc::new(SimTokenizer::new(config.model.vocab));
+    let api_metrics = OpenAiMetrics::register(metrics.registry())?;
+    Ok(openai::router(
+        Arc::new(generator),
+        tokenizer,
+        limits,
+        api_metrics,
+    ))
+}
+
+/// Serves, on `listener` until `shutdown` resolves: `EngineService` for
+/// `config`; the gRPC health service (`grpc.health.v1.Health`, SERVING for
+/// `rackscale.v1.EngineService` and for the server as a whole until the
+/// worker drains or shuts down); gRPC reflection (v1); and `GET /metrics`,
+/// the registry `metrics` was registered into (see
+/// [`EngineMetrics::register`]) in the Prometheus text format; and the
+/// OpenAI API ([`openai::router`] over a [`LocalGenerator`]). gRPC (h2c)
+/// and HTTP/1.1 share the port.
 pub async fn serve(
     config: EngineConfig,
     listener: TcpListener,
@@ -418,7 +416,7 @@ pub async fn serve(
         Some(a) => a.clone(),
         None => format!("http://{}", listener.local_addr()?),
     };
-    let engine = Arc::new(Engine::new(config, endpoint, metrics)?);
+    let engine = Arc::new(Engine::new(config, endpoint, metrics.clone())?);
     let kv = Arc::clone(&engine.kv);
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(KV_SWEEP);
@@ -427,13 +425,83 @@ pub async fn serve(
             kv.purge_expired();
         }
     });
-    let service = EngineServiceServer::from_arc(engine)
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<EngineServiceServer<Engine>>().await;
+    let reporter = tokio::spawn(report_draining(engine.draining.subscribe(), health));
+    let service = EngineServiceServer::from_arc(Arc::clone(&engine))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let served = tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+    let grpc = Routes::new(service)
+        .add_service(health_service)
+        .add_service(reflection()?)
+        .into_axum_router();
+    let api = openai_api(&engine, &metrics)?;
+    let http = axum::Router::new()
+        .route("/metrics", axum::routing::get(render_metrics))
+        .with_state(metrics)
+        .merge(api);
+    // Refuse new calls as soon as shutdown starts; health follows.
+    let shutdown = async move {
+        shutdown.await;
+        engine.draining.send_replace(true);
+    };
+    let listener = listener.tap_io(|tcp| {
+        // Decode streams small messages; do not let Nagle hold them back.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
+    let served = axum::serve(listener, grpc.merge(http).fallback(unknown_path))
+        .with_graceful_shutdown(shutdown)
         .await;
     sweeper.abort();
+    reporter.abort();
     Ok(served?)
+}
+
+/// Reports NOT_SERVING, for `EngineService` and the server as a whole, once
+/// `draining` turns true.
+async fn report_draining(mut draining: watch::Receiver<bool>, health: HealthReporter) {
+    if draining.wait_for(|d| *d).await.is_ok() {
+        health
+            .set_not_serving::<EngineServiceServer<Engine>>()
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// Reflection (v1) over exactly the services [`serve`] serves.
+fn reflection() -> Result<ServerReflectionServer<impl ServerReflection>> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(engine_service_server::SERVICE_NAME)
+        .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
+        .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
+        .build_v1()
+        .map_err(|e| Error::Config(format!("gRPC reflection descriptors: {e}")))
+}
+
+/// Anything unrouted: UNIMPLEMENTED to gRPC callers, 404 to plain HTTP ones
+/// (tonic's own fallback answers HTTP 200 with a gRPC status to both).
+async fn unknown_path(request: axum::extract::Request) -> HttpResponse {
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        Status::unimplemented(format!("no method {}", request.uri().path())).into_http()
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
+}
+
+/// `GET /metrics`.
+async fn render_metrics(State(metrics): State<EngineMetrics>) -> HttpResponse {
+    match metrics.render() {
+        Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }

@@ -6,8 +6,11 @@
 //! without launching anything and reports every worker as `Placed` (never
 //! Running), for clusters where no agents run yet.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
+
+use futures::stream::BoxStream;
 
 use crate::crd::{NodeGpus, Pool, WorkerState};
 
@@ -34,12 +37,50 @@ pub struct WorkerLaunch {
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// What an [`AgentControl`] knows about one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerReport {
+    pub state: WorkerState,
+    /// Why it is not running (a rank's exit, a refused launch), if known.
+    pub message: Option<String>,
+}
+
+impl WorkerReport {
+    pub fn new(state: WorkerState) -> Self {
+        Self {
+            state,
+            message: None,
+        }
+    }
+
+    pub fn with(state: WorkerState, message: impl Into<String>) -> Self {
+        Self {
+            state,
+            message: Some(message.into()),
+        }
+    }
+}
+
 /// Launches and stops workers on the agents of the nodes they are placed on.
 pub trait AgentControl: Send + Sync {
-    /// Makes `workers` the deployment's running set; returns each worker's state.
-    fn ensure(&self, workers: &[WorkerLaunch]) -> BoxFuture<'_, Vec<WorkerState>>;
+    /// Makes `workers` (every worker of one deployment) the deployment's
+    /// running set: ranks of it that run anywhere else, on other GPUs or
+    /// for another generation are stopped first. Returns each worker's state.
+    fn ensure(&self, workers: &[WorkerLaunch]) -> BoxFuture<'_, Vec<WorkerReport>>;
     /// Stops every worker of `deployment`.
     fn release(&self, deployment: &str) -> BoxFuture<'_, ()>;
+    /// Nodes with a live agent; `None` when this control cannot tell (then
+    /// every node counts as live). Nodes missing from the set are treated as
+    /// down: nothing is placed there and workers there are re-placed.
+    fn live_nodes(&self) -> BoxFuture<'_, Option<BTreeSet<String>>> {
+        Box::pin(async { None })
+    }
+    /// A stream that yields whenever agents or workers change (an agent
+    /// registered or went, a worker formed or was withdrawn), so deployments
+    /// are reconciled at once rather than at the next resync.
+    fn changes(&self) -> Option<BoxStream<'static, ()>> {
+        None
+    }
 }
 
 /// Records placement only: nothing is launched until agents exist.
@@ -47,8 +88,8 @@ pub trait AgentControl: Send + Sync {
 pub struct PlacementOnly;
 
 impl AgentControl for PlacementOnly {
-    fn ensure(&self, workers: &[WorkerLaunch]) -> BoxFuture<'_, Vec<WorkerState>> {
-        let states = vec![WorkerState::Placed; workers.len()];
+    fn ensure(&self, workers: &[WorkerLaunch]) -> BoxFuture<'_, Vec<WorkerReport>> {
+        let states = vec![WorkerReport::new(WorkerState::Placed); workers.len()];
         Box::pin(async move { states })
     }
 

@@ -15,7 +15,7 @@ use agent::metrics::Metrics;
 use agent::node::Node;
 use agent::supervisor::{EngineCommand, RestartPolicy, SupervisorConfig};
 use harness::wait_until;
-use operator::agent::{AgentControl, WorkerLaunch};
+use operator::agent::{AgentControl, WorkerLaunch, WorkerReport};
 use operator::agent_grpc::{GrpcAgents, StaticDirectory};
 use operator::crd::{NodeGpus, Pool, WorkerState};
 use proto::pb;
@@ -67,6 +67,37 @@ async fn agent(name: &str) -> Agent {
         address,
         _stop: stop,
     }
+}
+
+fn states(reports: Vec<WorkerReport>) -> Vec<WorkerState> {
+    reports.into_iter().map(|r| r.state).collect()
+}
+
+/// Running ranks on the agent at `address`: (worker, rank, GPUs).
+async fn placed_ranks(address: &str) -> Vec<(String, u32, Vec<u32>)> {
+    let mut client = AgentServiceClient::connect(address.to_string())
+        .await
+        .unwrap();
+    let list = client
+        .list_ranks(pb::ListRanksRequest {
+            namespace: "llm".into(),
+            deployment: "dsv4".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    list.ranks
+        .iter()
+        .filter(|r| r.phase == pb::RankPhase::Running as i32)
+        .map(|r| {
+            let rank = r.rank.clone().unwrap();
+            (
+                rank.worker.unwrap().worker,
+                rank.rank,
+                r.gpu_indices.clone(),
+            )
+        })
+        .collect()
 }
 
 async fn running_ranks(address: &str) -> usize {
@@ -130,12 +161,17 @@ async fn workers_launch_one_rank_per_tray_and_stop_on_release() {
     // Ranks start as Starting; reconcile calls ensure until they run.
     let workers = [decode.clone(), orphan];
     let first = agents.ensure(&workers).await;
-    assert_ne!(first[0], WorkerState::Failed);
-    assert_eq!(first[1], WorkerState::Failed, "no agent on tray-gone");
+    assert_ne!(first[0].state, WorkerState::Failed);
+    assert_eq!(first[1].state, WorkerState::Failed, "no agent on tray-gone");
+    assert_eq!(
+        first[1].message.as_deref(),
+        Some("no agent registered for node tray-gone")
+    );
     harness::wait_until("decode-0 running", Duration::from_secs(10), || {
         let (agents, workers) = (agents.clone(), workers.clone());
         async move {
-            Ok(agents.ensure(&workers).await == vec![WorkerState::Running, WorkerState::Failed])
+            Ok(states(agents.ensure(&workers).await)
+                == vec![WorkerState::Running, WorkerState::Failed])
         }
     })
     .await
@@ -150,7 +186,7 @@ async fn workers_launch_one_rank_per_tray_and_stop_on_release() {
 
     // Reconcile runs ensure again: same generation, same ranks, no duplicates.
     assert_eq!(
-        agents.ensure(std::slice::from_ref(&decode)).await,
+        states(agents.ensure(std::slice::from_ref(&decode)).await),
         vec![WorkerState::Running]
     );
     assert_eq!(
@@ -160,6 +196,32 @@ async fn workers_launch_one_rank_per_tray_and_stop_on_release() {
         ),
         (1, 1)
     );
+
+    // The worker is re-placed: tray-b's rank moves to tray-a's other GPUs.
+    // ensure stops the ranks that no longer match (the one on tray-b, and
+    // the one on tray-a whose worker changed shape) before launching, so no
+    // GPU is ever held twice and nothing stale keeps running.
+    let moved = WorkerLaunch {
+        placement: vec![NodeGpus {
+            node: "tray-a".into(),
+            gpus: vec![0, 1, 2, 3],
+        }],
+        ..decode.clone()
+    };
+    harness::wait_until("decode-0 re-placed", Duration::from_secs(10), || {
+        let (agents, moved) = (agents.clone(), moved.clone());
+        async move {
+            Ok(states(agents.ensure(std::slice::from_ref(&moved)).await)
+                == vec![WorkerState::Running])
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        placed_ranks(&a.address).await,
+        vec![("decode-0".to_string(), 0, vec![0, 1, 2, 3])]
+    );
+    assert!(placed_ranks(&b.address).await.is_empty());
 
     agents.release("llm/dsv4").await;
     wait_until("ranks stopped", Duration::from_secs(10), || {
@@ -219,24 +281,36 @@ async fn with_the_registry_a_worker_runs_once_its_engine_registered() {
     .await
     .unwrap();
     assert_eq!(
-        agents.ensure(std::slice::from_ref(&worker)).await,
+        states(agents.ensure(std::slice::from_ref(&worker)).await),
         vec![WorkerState::Launching]
     );
 
     // An old generation's record does not count; the current one does.
     let mut w = fixtures::worker("llm", "dsv4", "prefill-0");
+    w.ranks.truncate(1);
+    w.ranks[0].node = "tray-a".into();
     w.generation = 6;
     registry.put_worker(lease, &w, t).await.unwrap();
     assert_eq!(
-        agents.ensure(std::slice::from_ref(&worker)).await,
+        states(agents.ensure(std::slice::from_ref(&worker)).await),
         vec![WorkerState::Launching]
     );
     w.generation = 7;
+    w.ranks[0].node = "tray-elsewhere".into();
     registry.put_worker(lease, &w, t).await.unwrap();
     assert_eq!(
-        agents.ensure(std::slice::from_ref(&worker)).await,
+        states(agents.ensure(std::slice::from_ref(&worker)).await),
+        vec![WorkerState::Launching],
+        "a record of the worker on other trays is a stale placement"
+    );
+    w.ranks[0].node = "tray-a".into();
+    registry.put_worker(lease, &w, t).await.unwrap();
+    assert_eq!(
+        states(agents.ensure(std::slice::from_ref(&worker)).await),
         vec![WorkerState::Running]
     );
+    let live = agents.live_nodes().await.unwrap();
+    assert_eq!(live.into_iter().collect::<Vec<_>>(), ["tray-a"]);
 
     agents.release("llm/dsv4").await;
     a.node.supervisor().shutdown(Duration::ZERO).await;

@@ -34,10 +34,6 @@ fn sibling(name: &str) -> PathBuf {
     bin
 }
 
-fn strings(items: &[&str]) -> Vec<String> {
-    items.iter().map(|s| s.to_string()).collect()
-}
-
 #[tokio::test]
 async fn applied_deployment_runs_engines_on_its_trays_and_becomes_ready() {
     let cluster = Cluster::start().await.unwrap();
@@ -45,52 +41,29 @@ async fn applied_deployment_runs_engines_on_its_trays_and_becomes_ready() {
     install_crds(&client, CRDS).await.unwrap();
     let topo = Topology::new().rack("b", Sku::Gb300, 4, 4);
     topo.create(&client).await.unwrap();
-    let rack = topo.rack_named("b").unwrap();
     let etcd = cluster.etcd().endpoint().to_string();
     let dir = Workdir::new("loop").unwrap();
 
     // One agent per tray, each starting rackscale-engine for its ranks.
     let engine = sibling("rackscale-engine").display().to_string();
-    let mut agents = Vec::new();
     let opts = harness::fleet::AgentOptions {
         etcd: &etcd,
         engine_bin: &engine,
         time_scale: 100,
         lease_ttl_seconds: 3,
     };
-    for node in rack.node_names() {
-        let args = harness::fleet::agent_args(rack, &node, free_port().unwrap(), &opts);
-        agents.push(
-            ManagedProcess::spawn(&node, &sibling("rackscale-agent"), &args, dir.path()).unwrap(),
-        );
-    }
+    let agents: Vec<ManagedProcess> =
+        harness::fleet::spawn_agents(&topo, &sibling("rackscale-agent"), &opts, dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|a| a.process)
+            .collect();
     let registry = Registry::new(cluster.etcd().client().await.unwrap());
-    wait_until("every agent registered", TIMEOUT, || {
-        let registry = registry.clone();
-        async move {
-            Ok(registry
-                .list_agents(Duration::from_secs(5))
-                .await?
-                .records
-                .len()
-                == 4)
-        }
-    })
-    .await
-    .unwrap();
-
-    let metrics = free_port().unwrap();
-    let op_args = strings(&[
-        "run",
-        "--kubeconfig",
-        &cluster.kubeconfig_path().display().to_string(),
-        "--lease-namespace",
-        "default",
-        "--metrics-addr",
-        &format!("127.0.0.1:{metrics}"),
-        "--etcd-endpoints",
-        &etcd,
-    ]);
+    harness::fleet::wait_registered(&registry, 4, TIMEOUT)
+        .await
+        .unwrap();
+    let op_args =
+        harness::fleet::operator_args(cluster.kubeconfig_path(), &etcd, free_port().unwrap());
     let _operator = ManagedProcess::spawn(
         "operator",
         Path::new(env!("CARGO_BIN_EXE_rackscale-operator")),

@@ -342,6 +342,73 @@ impl RegistryRecord for WorkerRecord {
     }
 }
 
+/// One rank of a worker as the rank itself registers it once it is up.
+/// Rank 0 forms the worker from these (see the registry layout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankRecord {
+    /// The worker the rank belongs to.
+    pub worker: WorkerId,
+    /// Where the rank runs and how to reach it.
+    pub endpoint: RankEndpoint,
+    /// Launch generation; ranks of different generations never form a group.
+    pub generation: u64,
+    /// Ranks in the worker.
+    pub world_size: u32,
+}
+
+impl TryFrom<pb::RankRecord> for RankRecord {
+    type Error = Error;
+
+    fn try_from(wire: pb::RankRecord) -> Result<Self> {
+        const M: &str = "RankRecord";
+        let endpoint: RankEndpoint = wire
+            .endpoint
+            .ok_or_else(|| Error::missing(M, "endpoint"))?
+            .try_into()?;
+        if wire.world_size == 0 || endpoint.rank >= wire.world_size {
+            return Err(Error::invalid(
+                M,
+                "world_size",
+                "must be above the rank index",
+            ));
+        }
+        Ok(Self {
+            worker: WorkerId::from_field(wire.worker, M, "worker")?,
+            endpoint,
+            generation: wire.generation,
+            world_size: wire.world_size,
+        })
+    }
+}
+
+impl From<RankRecord> for pb::RankRecord {
+    fn from(record: RankRecord) -> Self {
+        Self {
+            worker: Some(record.worker.into()),
+            endpoint: Some(record.endpoint.into()),
+            generation: record.generation,
+            world_size: record.world_size,
+        }
+    }
+}
+
+impl RegistryRecord for RankRecord {
+    const MESSAGE: &'static str = "RankRecord";
+
+    fn key(&self) -> String {
+        registry::rank_key(&self.worker, self.endpoint.rank)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        pb::RankRecord::from(self.clone()).encode_to_vec()
+    }
+
+    fn decode_bytes(bytes: &[u8]) -> Result<Self, DecodeFailure> {
+        let wire = pb::RankRecord::decode(bytes).map_err(DecodeFailure::Wire)?;
+        Ok(wire.try_into()?)
+    }
+}
+
 /// A worker's periodic load report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadReport {
@@ -475,6 +542,28 @@ pub mod fixtures {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rank_records_round_trip_and_check_their_rank() {
+        let worker = WorkerId::new("llm", "dsv4", "decode-0");
+        let mut record = RankRecord {
+            worker: worker.clone(),
+            endpoint: RankEndpoint {
+                rank: 3,
+                node: "tray-3".into(),
+                gpu_indices: vec![0, 1, 2, 3],
+                grpc_endpoint: "http://127.0.0.1:7000".into(),
+                kv_endpoint: String::new(),
+            },
+            generation: 2,
+            world_size: 4,
+        };
+        let key = record.key();
+        assert_eq!(key, "/rackscale/v1/ranks/llm/dsv4/decode-0/3");
+        assert_eq!(RankRecord::decode(&key, &record.encode()).unwrap(), record);
+        record.world_size = 3;
+        assert!(RankRecord::decode(&key, &record.encode()).is_err());
+    }
 
     #[test]
     fn records_round_trip_through_bytes() {

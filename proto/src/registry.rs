@@ -51,6 +51,19 @@ pub fn load_key(namespace: &str, deployment: &str, worker: &str) -> String {
     format!("{}{worker}", load_prefix(namespace, deployment))
 }
 
+/// Prefix of the rank records of one worker.
+pub fn ranks_prefix(worker: &WorkerId) -> String {
+    format!(
+        "{PREFIX}ranks/{}/{}/{}/",
+        worker.namespace, worker.deployment, worker.worker
+    )
+}
+
+/// Key of one rank's own record (written by the rank once it is up).
+pub fn rank_key(worker: &WorkerId, rank: u32) -> String {
+    format!("{}{rank}", ranks_prefix(worker))
+}
+
 /// Parses a worker or load key (`workers/…` or `load/…`) back into the worker's
 /// id; `None` for any other key. Watchers use it to name a deleted worker.
 pub fn parse_worker_key(key: &str) -> Option<WorkerId> {

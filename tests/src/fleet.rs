@@ -52,3 +52,62 @@ pub fn agent_args(rack: &RackSpec, node: &str, port: u16, opts: &AgentOptions<'_
         format!("--engine-arg=--lease-ttl-seconds={ttl}"),
     ]
 }
+
+/// One started agent: its node and process.
+#[derive(Debug)]
+pub struct FleetAgent {
+    pub node: String,
+    pub process: crate::process::ManagedProcess,
+}
+
+/// Starts one `rackscale-agent` per tray of every rack of `topology`,
+/// logging to `dir`.
+pub fn spawn_agents(
+    topology: &crate::Topology,
+    agent_bin: &std::path::Path,
+    opts: &AgentOptions<'_>,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<FleetAgent>> {
+    let mut agents = Vec::new();
+    for rack in topology.racks() {
+        for node in rack.node_names() {
+            let args = agent_args(rack, &node, crate::process::free_port()?, opts);
+            let process = crate::process::ManagedProcess::spawn(&node, agent_bin, &args, dir)?;
+            agents.push(FleetAgent { node, process });
+        }
+    }
+    Ok(agents)
+}
+
+/// Waits until `count` agents have registered in etcd.
+pub async fn wait_registered(
+    registry: &proto::registry::Registry,
+    count: usize,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let call = std::time::Duration::from_secs(5);
+    crate::wait_until(format!("{count} agents registered"), timeout, || {
+        let registry = registry.clone();
+        async move { Ok(registry.list_agents(call).await?.records.len() == count) }
+    })
+    .await
+}
+
+/// `rackscale-operator run` arguments against `kubeconfig`, with the
+/// registry at `etcd` and metrics on `metrics_port`.
+pub fn operator_args(kubeconfig: &std::path::Path, etcd: &str, metrics_port: u16) -> Vec<String> {
+    [
+        "run",
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--lease-namespace",
+        "default",
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics_port}"),
+        "--etcd-endpoints",
+        etcd,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}

@@ -53,6 +53,13 @@ impl ManagedProcess {
         self.child.id()
     }
 
+    /// Kills the process with SIGKILL (a crash: no cleanup runs) and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill().context("sending SIGKILL")?;
+        self.child.wait().context("reaping the killed process")?;
+        Ok(())
+    }
+
     /// The file holding the process's stdout and stderr.
     pub fn log_path(&self) -> &Path {
         &self.log_path

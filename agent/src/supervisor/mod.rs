@@ -122,6 +122,16 @@ impl Supervisor {
             })
             .collect();
         if policy::check_launch(&spec, &gpus, &active)? == LaunchDecision::AlreadyActive {
+            // Same generation and GPUs, but another world: the worker was
+            // re-placed around this rank, which must restart to rejoin.
+            if let Some(e) = state.ranks.get(&spec.key)
+                && e.spec.world_size != spec.world_size
+            {
+                return Err(Error::RankMoved {
+                    rank: spec.key.to_string(),
+                    gpus: e.spec.gpus.clone(),
+                });
+            }
             return state
                 .ranks
                 .get(&spec.key)
@@ -135,6 +145,7 @@ impl Supervisor {
             phase: Phase::Starting,
             pid: 0,
             gpus: spec.gpus.clone(),
+            world_size: spec.world_size,
             started_at: None,
             exit_code: None,
             restarts: 0,

@@ -36,8 +36,14 @@ pub enum LaunchDecision {
 /// Decides whether `spec` may start given the node's GPUs and the active ranks.
 pub fn check_launch(spec: &RankSpec, gpus: &[Gpu], active: &[Held]) -> Result<LaunchDecision> {
     if let Some(same) = active.iter().find(|h| h.key == spec.key) {
-        if same.generation == spec.generation {
+        if same.generation == spec.generation && same.gpus == spec.gpus {
             return Ok(LaunchDecision::AlreadyActive);
+        }
+        if same.generation == spec.generation {
+            return Err(Error::RankMoved {
+                rank: spec.key.to_string(),
+                gpus: same.gpus.clone(),
+            });
         }
         return Err(Error::RankConflict {
             rank: spec.key.to_string(),
@@ -200,6 +206,12 @@ mod tests {
         let newer = spec("w0", 0, 4, &[1]);
         let err = check_launch(&newer, &gpus(2), &[held(&a)]).unwrap_err();
         assert!(matches!(err, Error::RankConflict { running: 3, .. }));
+        // Same generation on other GPUs: the worker moved; the old rank must
+        // be stopped first, never silently kept or doubled.
+        let moved = spec("w0", 0, 3, &[1]);
+        let err = check_launch(&moved, &gpus(2), &[held(&a)]).unwrap_err();
+        assert!(matches!(err, Error::RankMoved { .. }), "{err}");
+        assert_eq!(err.category(), "rank_moved");
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub mod env {
     pub const QUANTIZATION: &str = "RACKSCALE_QUANTIZATION";
     /// `sim` or `cpu-reference`.
     pub const BACKEND: &str = "RACKSCALE_BACKEND";
+    /// Tells the engine to stop when the agent that started it dies.
+    pub const EXIT_WITH_PARENT: &str = "RACKSCALE_EXIT_WITH_PARENT";
 }
 
 /// The engine command line every rank starts with.
@@ -104,6 +106,7 @@ pub fn command(engine: &EngineCommand, spec: &RankSpec) -> Command {
         .env(env::MODEL_WEIGHTS, &spec.model.weights_path)
         .env(env::QUANTIZATION, &spec.model.quantization)
         .env(env::BACKEND, spec.backend.as_str())
+        .env(env::EXIT_WITH_PARENT, "true")
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(true);

@@ -3,8 +3,9 @@
 //!
 //! One [`Context`] is shared by every reconcile. Its ledger lock serialises
 //! placement so concurrent reconciles of different deployments can never
-//! take the same GPU. Node changes re-trigger every deployment (health and
-//! inventory changes re-place affected workers) and refresh `Rack` objects.
+//! take the same GPU. Node changes, and agent or worker changes in the
+//! registry, re-trigger every deployment (health, inventory and liveness
+//! changes re-place affected workers) and refresh `Rack` objects.
 
 mod compute_domain;
 mod racks;
@@ -124,6 +125,16 @@ pub async fn run(
     let client = parts.client.clone();
     let (reader, writer) = reflector::store::<Node>();
     let (tx, rx) = watch::channel(0u64);
+    // Agents coming and going, and workers forming or being withdrawn in the
+    // registry, re-trigger every deployment just as node changes do.
+    if let Some(mut registry_changes) = parts.agents.changes() {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while registry_changes.next().await.is_some() {
+                tx.send_modify(|n| *n += 1);
+            }
+        });
+    }
     let node_stream = reflector::reflector(
         writer,
         watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),

@@ -16,7 +16,7 @@ use serde_json::json;
 use tracing::instrument;
 
 use super::{Context, compute_domain, racks};
-use crate::agent::WorkerLaunch;
+use crate::agent::{WorkerLaunch, WorkerReport};
 use crate::conditions::{self, DEGRADED, PLACED, PLANNED, READY};
 use crate::crd::{
     ModelDeployment, ModelDeploymentStatus, NodeGpus, Phase, Pool, Rack, RecipeStatus, WorkerState,
@@ -249,7 +249,21 @@ async fn apply(md: Arc<ModelDeployment>, ctx: &Context) -> Result<Action> {
     status.recipe = Some(recipe.clone());
 
     // Inventory: racks of the right SKU that the selector admits.
-    let facts: Vec<NodeFacts> = ctx.nodes.state().iter().map(|n| node_facts(n)).collect();
+    // A node whose agent is gone (its lease expired) can run nothing: it
+    // counts as not ready, so workers there are re-placed in the rack.
+    let live = ctx.agents.live_nodes().await;
+    let facts: Vec<NodeFacts> = ctx
+        .nodes
+        .state()
+        .iter()
+        .map(|n| {
+            let mut f = node_facts(n);
+            if live.as_ref().is_some_and(|l| !l.contains(&f.name)) {
+                f.ready = false;
+            }
+            f
+        })
+        .collect();
     let inv = inventory::build(&facts, ctx.health.as_ref());
     let selector = &spec.hardware.rack_selector;
     let labelled: BTreeMap<String, BTreeMap<String, String>> = if selector.is_empty() {
@@ -403,24 +417,43 @@ async fn apply(md: Arc<ModelDeployment>, ctx: &Context) -> Result<Action> {
             }
         })
         .collect();
-    let states = ctx.agents.ensure(&launches).await;
+    let reports = ctx.agents.ensure(&launches).await;
 
     // Status.
     let was_placed = conditions::is_true(&status.conditions, PLACED);
+    // A deployment that served this generation and lost a worker is
+    // Degraded (not merely Placed) until the worker is back.
+    let was_serving = status.observed_generation == generation
+        && matches!(status.phase, Some(Phase::Ready | Phase::Degraded));
+    let was_running: BTreeSet<String> = status
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Running)
+        .map(|w| w.name.clone())
+        .collect();
     status.workers = entries
         .iter()
         .zip(
-            states
-                .iter()
-                .copied()
-                .chain(std::iter::repeat(WorkerState::Placed)),
+            reports
+                .into_iter()
+                .chain(std::iter::repeat(WorkerReport::new(WorkerState::Placed))),
         )
-        .map(|(e, state)| WorkerStatus {
+        .map(|(e, report)| WorkerStatus {
             name: e.worker.clone(),
             role: e.role,
             rack: e.rack.clone(),
             placement: e.placement.clone(),
-            state,
+            state: report.state,
+            message: report.message,
+        })
+        .collect();
+    let down: Vec<String> = status
+        .workers
+        .iter()
+        .filter(|w| was_running.contains(&w.name) && w.state != WorkerState::Running)
+        .map(|w| match &w.message {
+            Some(m) => format!("{}: {m}", w.name),
+            None => format!("{}: {:?}", w.name, w.state),
         })
         .collect();
     let running = status
@@ -463,26 +496,42 @@ async fn apply(md: Arc<ModelDeployment>, ctx: &Context) -> Result<Action> {
         generation,
         &now,
     );
+    let recovering = was_serving && !ready;
+    let degraded = failed > 0 || !moved.is_empty() || recovering;
+    let failing: Vec<String> = status
+        .workers
+        .iter()
+        .filter(|w| w.state != WorkerState::Running)
+        .filter_map(|w| w.message.as_ref().map(|m| format!("{}: {m}", w.name)))
+        .collect();
     conditions::set(
         &mut status.conditions,
         DEGRADED,
-        failed > 0 || !moved.is_empty(),
+        degraded,
         if failed > 0 {
             "WorkersFailed"
-        } else if moved.is_empty() {
-            "Healthy"
-        } else {
+        } else if !moved.is_empty() {
             "WorkersMoved"
-        },
-        if moved.is_empty() {
-            format!("{failed} workers failed")
+        } else if recovering {
+            "WorkersRecovering"
         } else {
+            "Healthy"
+        },
+        if !moved.is_empty() {
             moved.join("; ")
+        } else if degraded {
+            format!(
+                "{}/{total} workers running; {}",
+                running,
+                failing.join("; ")
+            )
+        } else {
+            format!("{running}/{total} workers running")
         },
         generation,
         &now,
     );
-    status.phase = Some(if failed > 0 {
+    status.phase = Some(if degraded {
         Phase::Degraded
     } else if ready {
         Phase::Ready
@@ -499,6 +548,20 @@ async fn apply(md: Arc<ModelDeployment>, ctx: &Context) -> Result<Action> {
     if !was_placed {
         publish(ctx, &md, EventType::Normal, "Placed", placed_msg).await;
     }
+    if !down.is_empty() {
+        publish(ctx, &md, EventType::Warning, "WorkersDown", down.join("; ")).await;
+    }
+    let previously_degraded = md.status.as_ref().and_then(|s| s.phase) == Some(Phase::Degraded);
+    if ready && !degraded && previously_degraded {
+        publish(
+            ctx,
+            &md,
+            EventType::Normal,
+            "Recovered",
+            format!("{running}/{total} workers running again"),
+        )
+        .await;
+    }
     if !moved.is_empty() {
         publish(
             ctx,
@@ -514,7 +577,7 @@ async fn apply(md: Arc<ModelDeployment>, ctx: &Context) -> Result<Action> {
     let settling = status
         .workers
         .iter()
-        .any(|w| matches!(w.state, WorkerState::Launching | WorkerState::Draining));
+        .any(|w| !matches!(w.state, WorkerState::Running | WorkerState::Placed));
     Ok(Action::requeue(if settling { SETTLING } else { RESYNC }))
 }
 

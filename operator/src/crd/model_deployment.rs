@@ -382,6 +382,9 @@ pub struct WorkerStatus {
     /// GPUs per node (compute tray).
     pub placement: Vec<NodeGpus>,
     pub state: WorkerState,
+    /// Why the worker is not running (a rank's exit, a refused launch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

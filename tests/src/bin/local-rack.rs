@@ -119,41 +119,24 @@ async fn main() -> Result<()> {
     // One agent per tray; each starts rackscale-engine ranks (simulated
     // backend, 100x time scale) and registers in etcd.
     let etcd = cluster.etcd().endpoint().to_string();
-    let mut agents = Vec::new();
     let opts = harness::fleet::AgentOptions {
         etcd: &etcd,
         engine_bin: &engine_bin,
         time_scale: 100,
         lease_ttl_seconds: 10,
     };
-    for rack in topology.racks() {
-        for node in rack.node_names() {
-            let args = harness::fleet::agent_args(rack, &node, free_port()?, &opts);
-            agents.push(ManagedProcess::spawn(&node, &agent_bin, &args, dir.path())?);
-        }
-    }
+    let mut agents: Vec<ManagedProcess> =
+        harness::fleet::spawn_agents(&topology, &agent_bin, &opts, dir.path())?
+            .into_iter()
+            .map(|a| a.process)
+            .collect();
     step(&format!(
         "started {} rackscale-agent processes, one per tray",
         agents.len()
     ));
 
     let port = free_port()?;
-    let op_args: Vec<String> = [
-        "run",
-        "--kubeconfig",
-        &cluster.kubeconfig_path().display().to_string(),
-        "--lease-namespace",
-        "default",
-        "--identity",
-        "local-operator",
-        "--metrics-addr",
-        &format!("127.0.0.1:{port}"),
-        "--etcd-endpoints",
-        &etcd,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let op_args = harness::fleet::operator_args(cluster.kubeconfig_path(), &etcd, port);
     let mut op = ManagedProcess::spawn("rackscale-operator", &operator, &op_args, dir.path())?;
     step(&format!(
         "operator running: metrics http://127.0.0.1:{port}/metrics, log {}",
