@@ -69,6 +69,9 @@ bench: setup
 	@$(CARGO) bench -p operator --bench placement | tee target/bench/placement.md
 	@echo "== KV transfer and registry watch =="
 	@scripts/bench-transport.sh target/bench
+	@echo "== a 72-GPU deployment, create -> Ready =="
+	@$(CARGO) build -q --workspace --bins
+	@target/debug/rack-ready --runs 5 --out target/bench/rack-ready.md
 	@echo "reports in target/bench/"
 
 clean-cache:
