@@ -65,6 +65,78 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Whether `GET path` on `port` answers 200 (a bare HTTP/1.1 exchange).
+async fn http_ok(port: u16, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    if tcp.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).await.is_ok() && head.ends_with(b"200")
+}
+
+/// Real traffic through the deployment: a `--role frontend` engine follows
+/// its workers in the registry, and `rackscale bench` sends OpenAI requests
+/// that each go prefill -> KV transfer -> decode across the rack.
+async fn traffic(etcd: &str, ns: &str, name: &str, dir: &Path) -> Result<()> {
+    let port = free_port()?;
+    let args: Vec<String> = [
+        "--role=frontend",
+        "--model=deepseek-v4-pro",
+        &format!("--listen=127.0.0.1:{port}"),
+        &format!("--etcd-endpoints={etcd}"),
+        &format!("--namespace={ns}"),
+        &format!("--deployment={name}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let frontend = ManagedProcess::spawn("frontend", &sibling("rackscale-engine")?, &args, dir)?;
+    step(&format!(
+        "frontend for {ns}/{name} on http://127.0.0.1:{port}/v1 (OpenAI API), log {}",
+        frontend.log_path().display()
+    ));
+    wait_until("frontend ready", TIMEOUT, || async move {
+        Ok(http_ok(port, "/ready").await)
+    })
+    .await?;
+    step("rackscale bench: 48 requests, ISL 1024 / OSL 64 (80-100%), 8 concurrent clients");
+    let out = tokio::process::Command::new(sibling("rackscale")?)
+        .args([
+            "bench",
+            "--url",
+            &format!("http://127.0.0.1:{port}"),
+            "--isl",
+            "1024",
+            "--osl",
+            "64",
+            "--concurrency",
+            "8",
+            "--requests",
+            "48",
+            "--warmup",
+            "4",
+            "--gpus",
+            "72",
+        ])
+        .output()
+        .await
+        .context("running rackscale bench")?;
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        bail!("rackscale bench failed ({})", out.status);
+    }
+    println!(
+        "(figures in wall time: the simulated engines run 100x faster than the modelled GPUs)"
+    );
+    Ok(())
+}
+
 fn yaml_documents(dir: &Path) -> Result<Vec<(PathBuf, serde_json::Value)>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
@@ -231,6 +303,9 @@ async fn main() -> Result<()> {
                 trays.join(" ")
             );
         }
+    }
+    if let Some((ns, name)) = names.iter().find(|(_, n)| n.contains("gb300")) {
+        traffic(&etcd, ns, name, dir.path()).await?;
     }
     step(&format!("done in {:.1} s", started.elapsed().as_secs_f64()));
     if args.keep {
