@@ -72,6 +72,8 @@ bench: setup
 	@echo "== a 72-GPU deployment, create -> Ready =="
 	@$(CARGO) build -q --workspace --bins
 	@target/debug/rack-ready --runs 5 --out target/bench/rack-ready.md
+	@echo "== router overhead: rackscale frontend vs vllm-router =="
+	@scripts/bench-router.sh target/bench/router.md
 	@echo "reports in target/bench/"
 
 clean-cache:

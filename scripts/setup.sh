@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs the real components that rackscale's tests and local runs use:
 # etcd and kube-apiserver (built from the Go module proxy), kubectl, helm,
-# Debian's prometheus and protoc, and a Python virtual environment with the OpenAI SDK.
+# Debian's prometheus and protoc, a Python virtual environment with the OpenAI SDK,
+# NVIDIA's aiperf benchmark client in a virtual environment of its own, and
+# vllm-router (the peer of scripts/bench-router.sh) in another.
 #
 # Idempotent and pinned: everything lands in $RACKSCALE_CACHE (default
 # ${XDG_CACHE_HOME:-$HOME/.cache}/rackscale), each step is skipped when its
 # pinned output is already there, and a failing step says what is missing.
 #
-# Usage: scripts/setup.sh [step...]   (steps: protoc etcd kube helm prometheus python; default all)
+# Usage: scripts/setup.sh [step...]   (steps: protoc etcd kube helm prometheus python aiperf router; default all but router)
 set -euo pipefail
 
 ETCD_VERSION=v3.6.16
@@ -15,11 +17,15 @@ KUBE_VERSION=v1.37.2
 KUBE_STAGING_VERSION=v0.37.2
 HELM_VERSION=v4.3.2
 PY_PACKAGES=("openai==3.51.0")
+AIPERF_VERSION=0.13.0
+VLLM_ROUTER_VERSION=0.1.17
 
 CACHE="${RACKSCALE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rackscale}"
 BIN="$CACHE/bin"
 LOGS="$CACHE/logs"
 VENV="$CACHE/venv"
+AIPERF_VENV="$CACHE/venv-aiperf"
+ROUTER_VENV="$CACHE/venv-router"
 mkdir -p "$BIN" "$LOGS"
 
 export GOFLAGS=-mod=mod
@@ -59,6 +65,8 @@ hint_for() {
     prometheus) echo "needs Debian's package: run 'apt-get update && apt-get install -y prometheus' as root" ;;
     protoc) echo "needs Debian's package: run 'apt-get update && apt-get install -y protobuf-compiler' as root" ;;
     python) echo "needs python3 with the venv module (Debian: apt-get install -y python3-venv) and access to PyPI" ;;
+    router) echo "needs python3 with the venv module (Debian: apt-get install -y python3-venv) and access to PyPI" ;;
+    aiperf) echo "needs python3 3.11 to 3.13 with the venv module (or AIPERF_PYTHON=/path/to/such a python) and access to PyPI" ;;
   esac
 }
 
@@ -194,8 +202,39 @@ python_install() {
   touch "$VENV/.rackscale-$(python_stamp)"
 }
 
+# -------------------------------------------------------------- aiperf
+# NVIDIA's benchmark client (tests/tests/aiperf.rs cross-checks `rackscale
+# bench` with it). Its own venv: it pulls in transformers, pandas, pyarrow...
+# (about 1 GiB), which the OpenAI SDK's venv has no use for.
+aiperf_ok() {
+  [ -x "$AIPERF_VENV/bin/aiperf" ] &&
+    output_has "$AIPERF_VENV/bin/python" -m pip show aiperf -- "Version: $AIPERF_VERSION"
+}
+aiperf_install() {
+  local py=${AIPERF_PYTHON:-python3}
+  need "$py" "install Python 3.11 to 3.13 (aiperf $AIPERF_VERSION requires it)"
+  "$py" -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' ||
+    { echo "aiperf $AIPERF_VERSION needs Python 3.11 to 3.13; $py is $("$py" --version 2>&1)"; return 1; }
+  [ -x "$AIPERF_VENV/bin/python" ] || "$py" -m venv "$AIPERF_VENV"
+  "$AIPERF_VENV/bin/python" -m pip install --disable-pip-version-check -q "aiperf==$AIPERF_VERSION"
+}
+
+# --------------------------------------------------------- vllm-router
+# vLLM's Rust router (a wheel with its binary), the peer that
+# scripts/bench-router.sh measures our frontend against.
+router_ok() {
+  [ -x "$ROUTER_VENV/bin/vllm-router" ] &&
+    output_has "$ROUTER_VENV/bin/python" -m pip show vllm-router -- "Version: $VLLM_ROUTER_VERSION"
+}
+router_install() {
+  need python3 "install Python 3.10 or newer"
+  [ -x "$ROUTER_VENV/bin/python" ] || python3 -m venv "$ROUTER_VENV"
+  "$ROUTER_VENV/bin/python" -m pip install --disable-pip-version-check -q "vllm-router==$VLLM_ROUTER_VERSION"
+}
+
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(protoc etcd kube helm prometheus python)
+# `router` (vllm-router) only serves `make bench`, whose script asks for it.
+[ ${#steps[@]} -gt 0 ] || steps=(protoc etcd kube helm prometheus python aiperf)
 total_start=$(date +%s)
 for s in "${steps[@]}"; do
   case $s in
@@ -204,8 +243,10 @@ for s in "${steps[@]}"; do
     helm) run_step helm helm_ok helm_install ;;
     prometheus) run_step prometheus prometheus_ok prometheus_install ;;
     python) run_step python python_ok python_install ;;
+    aiperf) run_step aiperf aiperf_ok aiperf_install ;;
+    router) run_step router router_ok router_install ;;
     protoc) run_step protoc protoc_ok protoc_install ;;
-    *) fail "unknown step '$s'" "steps are: protoc etcd kube helm prometheus python" ;;
+    *) fail "unknown step '$s'" "steps are: protoc etcd kube helm prometheus python aiperf router" ;;
   esac
 done
 say "all done in $(($(date +%s) - total_start)) s; binaries in $BIN"

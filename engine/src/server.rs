@@ -143,6 +143,14 @@ impl Engine {
             .scheduler
             .prefill(req.request_id.clone(), prompt_len)
             .await?;
+        // The fixed per-request latency outside model steps (routing,
+        // tokenising, KV handshake, first-token path) that perfmodel's
+        // calibration carries: modelled here too, off the GPU (the scheduler
+        // is free meanwhile), so measured TTFT and the decode batch match
+        // what perfmodel predicts for the same recipe.
+        self.sim
+            .sleep(self.config.calibration.request_overhead_ms * 1e-3)
+            .await;
         let bytes = self.sim.kv_bytes(prompt_len);
         let id = self.kv.next_id(&req.request_id);
         let fill_id = id.clone();

@@ -1,13 +1,16 @@
 //! The disaggregated router against real engine workers registered in a real
 //! etcd: it follows the registry, retries a dead prefill worker elsewhere,
 //! streams decode tokens, frees the decode slot when the client goes, and
-//! ends the stream with an error when the decode worker dies mid-stream.
+//! ends the stream with an error when the decode worker dies mid-stream;
+//! and, over a pool of role-both workers, forwards each request whole.
 
 // Test helpers fail loudly: a panic is the test failing.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
+use axum::body::{Body, Bytes};
+use axum::http;
 use engine::frontend::pool::Pool;
 use engine::frontend::{Router, RouterConfig};
 use engine::generate::{
@@ -17,6 +20,9 @@ use engine::registration::{self, Registration};
 use engine::{EngineConfig, EngineMetrics, Role};
 use futures::StreamExt;
 use harness::{Etcd, wait_until};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use perfmodel::{ModelProfile, Parallelism, Sku};
 use proto::pb;
 use proto::pb::engine_service_client::EngineServiceClient;
@@ -29,6 +35,7 @@ const T: Duration = Duration::from_secs(5);
 const MODEL: &str = "deepseek-ai/DeepSeek-V4-Pro";
 
 struct Worker {
+    endpoint: String,
     _server: tokio::task::JoinHandle<engine::Result<()>>,
     _stop: oneshot::Sender<()>,
     _registration: oneshot::Sender<()>,
@@ -52,6 +59,7 @@ async fn worker(registry: &Registry, name: &str, role: Role, time_scale: f64) ->
     }));
     let registration = register(registry, name, role, &endpoint);
     Worker {
+        endpoint,
         _server: server,
         _stop: stop,
         _registration: registration,
@@ -338,4 +346,122 @@ async fn the_openai_sdk_talks_to_the_disaggregated_frontend() {
         String::from_utf8_lossy(&out.stderr),
         frontend.log_tail(20)
     );
+}
+
+/// POSTs `body` as JSON to `url`; the response with its body unread.
+async fn post(url: &str, body: &serde_json::Value) -> http::Response<Body> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let request = http::Request::post(url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    client.request(request).await.unwrap().map(Body::new)
+}
+
+/// The status and body text of `url`'s answer to `body`.
+async fn post_text(url: &str, body: &serde_json::Value) -> (http::StatusCode, String) {
+    let response = post(url, body).await;
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+/// A pool of role-both workers is not split into prefill and decode: the
+/// frontend forwards each request whole to the least-loaded worker's own
+/// OpenAI API and relays its answer unchanged, skips a registered worker
+/// that is gone, spreads open streams over the workers, and frees a
+/// worker's slot when the client goes away.
+#[tokio::test]
+async fn an_aggregated_pool_gets_whole_requests_forwarded() {
+    let etcd = Etcd::start().await.unwrap();
+    let registry = Registry::new(etcd.client().await.unwrap());
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    // Named to sort first: the first request is refused by it, then moved.
+    let _dead = register(&registry, "both-a", Role::Both, &dead);
+    let b = worker(&registry, "both-b", Role::Both, 1000.0).await;
+    let c = worker(&registry, "both-c", Role::Both, 1000.0).await;
+    let pool = Pool::new(T);
+    pool.follow(registry.clone(), "llm", "dsv4");
+    wait_until("three workers in the pool", T, || {
+        let pool = pool.clone();
+        async move { Ok(pool.len() == 3) }
+    })
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let model = ModelProfile::builtin("deepseek-v4-pro").unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let frontend = tokio::spawn(engine::frontend::serve(
+        listener,
+        Router::new(pool.clone(), RouterConfig::new(model.name.clone())),
+        std::sync::Arc::new(engine::openai::SimTokenizer::new(model.vocab)),
+        engine::openai::Limits::default(),
+        prometheus::Registry::new(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    // A whole answer, as the worker itself gives it (the seed fixes the
+    // tokens), then a streamed one.
+    let request = serde_json::json!({
+        "model": model.name, "prompt": [101, 102, 103, 104], "max_tokens": 8, "seed": 7,
+    });
+    let (status, via) = post_text(&format!("{base}/v1/completions"), &request).await;
+    assert_eq!(status, http::StatusCode::OK, "{via}");
+    let (_, direct) = post_text(&format!("{}/v1/completions", b.endpoint), &request).await;
+    let choices =
+        |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap()["choices"].clone();
+    assert_eq!(choices(&via), choices(&direct));
+    let mut streamed = request.clone();
+    streamed["stream"] = true.into();
+    let (status, text) = post_text(&format!("{base}/v1/completions"), &streamed).await;
+    assert_eq!(status, http::StatusCode::OK, "{text}");
+    assert!(
+        text.starts_with("data: {") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+
+    // Two long streams land on different workers; dropping them frees both.
+    streamed["max_tokens"] = 5000.into();
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let response = post(&format!("{base}/v1/completions"), &streamed).await;
+        assert_eq!(response.status(), http::StatusCode::OK);
+        open.push(response);
+    }
+    assert_eq!(running(&b.endpoint).await, 1);
+    assert_eq!(running(&c.endpoint).await, 1);
+    drop(open);
+    wait_until("both slots freed", T, || {
+        let (b, c) = (b.endpoint.clone(), c.endpoint.clone());
+        async move { Ok(running(&b).await + running(&c).await == 0) }
+    })
+    .await
+    .unwrap();
+
+    // The frontend counts what it forwarded.
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let metrics = client
+        .get(format!("{base}/metrics").parse().unwrap())
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    let metrics = String::from_utf8(metrics.to_vec()).unwrap();
+    assert!(
+        metrics.contains(
+            r#"rackscale_frontend_requests_total{endpoint="completions",outcome="ok"} 2"#
+        ),
+        "{metrics}"
+    );
+    let _ = stop.send(());
+    frontend.await.unwrap().unwrap();
 }

@@ -124,7 +124,8 @@ impl From<anyhow::Error> for StartFailure {
 
 /// Whether a log shows that binding a listening port failed.
 pub fn is_bind_conflict(log: &str) -> bool {
-    log.contains("address already in use")
+    // Go's servers write it in lower case, Rust's io::Error capitalised.
+    log.to_ascii_lowercase().contains("address already in use")
 }
 
 /// Runs `attempt` until it succeeds, fails for a reason other than a port

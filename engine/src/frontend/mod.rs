@@ -4,14 +4,17 @@
 //! tokens), run `Prefill` there (retrying on another worker when the call
 //! fails or times out), pick a decode worker with KV room (least loaded),
 //! and stream its `Decode`, which pulls the KV from the prefill worker's KV
-//! endpoint. Workers come from the registry ([`pool`]); aggregated workers
-//! (role both) take either part. Past `max_in_flight` requests the frontend
+//! endpoint. Workers come from the registry ([`pool`]); in a mixed pool,
+//! workers of role both take either part. A pool of role-both workers only
+//! is not split: [`serve`] forwards each request whole to one of them
+//! ([`proxy`]). Past `max_in_flight` requests the frontend
 //! answers 429 instead of queueing without bound. A decode worker that dies
 //! or stalls mid-stream ends the stream with an error event within
 //! `token_timeout`; dropping the stream (client gone) cancels the decode
 //! RPC, which frees the worker's slot and KV.
 
 pub mod pool;
+pub mod proxy;
 pub mod select;
 
 use std::sync::Arc;
@@ -361,6 +364,8 @@ impl Generator for Router {
 
 /// Serves the OpenAI API over `router` on `listener` (plus `GET /metrics`
 /// with everything registered in `registry`) until `shutdown` resolves.
+/// While every registered worker has role both, generation requests are
+/// forwarded whole to one of them ([`proxy`]) instead of split.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
@@ -374,7 +379,10 @@ pub async fn serve(
     use axum::serve::ListenerExt;
 
     let metrics = crate::openai::OpenAiMetrics::register(&registry)?;
-    let api = crate::openai::router(Arc::new(router), tokenizer, limits, metrics);
+    let proxy = proxy::Proxy::new(router.clone(), metrics.clone(), limits.max_body_bytes);
+    let api = crate::openai::router(Arc::new(router), tokenizer, limits, metrics).layer(
+        axum::middleware::from_fn_with_state(proxy, proxy::pass_through),
+    );
     let gather = move || {
         let text = prometheus::TextEncoder::new().encode_to_string(&registry.gather());
         match text {

@@ -7,6 +7,10 @@
 //! this frontend has running there and what the worker reports (other
 //! frontends send work too). Workers that failed recently are skipped while
 //! any other worker can serve. Ties break on the name so choices are stable.
+//!
+//! An aggregated pool (every worker of role `both`) is not split at all: each
+//! request goes whole to the least-loaded worker, preferring ones with KV
+//! room ([`pick_aggregated`], used by [`super::proxy`]).
 
 use proto::types::{EngineLoad, Role};
 
@@ -58,6 +62,29 @@ pub fn pick_decode(candidates: &[Candidate], exclude: &[String]) -> Option<usize
         |c| {
             let reported = c.load.map_or(0, |l| l.running + l.queue_depth);
             (u64::from(c.active_decodes.max(reported)), 0)
+        },
+    )
+}
+
+/// Whether the pool is aggregated: at least one worker, every one of role
+/// `both`.
+pub fn aggregated(candidates: &[Candidate]) -> bool {
+    !candidates.is_empty() && candidates.iter().all(|c| c.role == Role::Both)
+}
+
+/// Index of the role-`both` worker to send a whole request to, skipping
+/// `exclude`: the least loaded (as for decode), workers with KV room first;
+/// a full one still serves when all are full (it queues or answers 429
+/// itself).
+pub fn pick_aggregated(candidates: &[Candidate], exclude: &[String]) -> Option<usize> {
+    pick(
+        candidates,
+        exclude,
+        |c| c.role == Role::Both,
+        |c| {
+            let full = c.load.is_some_and(|l| l.kv_usage() >= KV_FULL);
+            let reported = c.load.map_or(0, |l| l.running + l.queue_depth);
+            (u64::from(full), u64::from(c.active_decodes.max(reported)))
         },
     )
 }
@@ -148,6 +175,26 @@ mod tests {
         assert_eq!(pick_prefill(&p, &[]), Some(1));
         p[1].cooling = true;
         assert_eq!(pick_prefill(&p, &[]), Some(0));
+    }
+
+    #[test]
+    fn aggregated_pools_send_whole_requests_to_the_least_loaded() {
+        let mut b = vec![c("b0", Role::Both), c("b1", Role::Both)];
+        assert!(aggregated(&b));
+        assert!(!aggregated(&[]));
+        assert!(!aggregated(&[c("b0", Role::Both), c("p0", Role::Prefill)]));
+        b[0].active_decodes = 3;
+        assert_eq!(pick_aggregated(&b, &[]), Some(1));
+        // A reported load counts when this frontend's own is lower.
+        b[1].load = load(7, 1, 10);
+        assert_eq!(pick_aggregated(&b, &[]), Some(0));
+        // Room first; when every worker is full, the least loaded still serves.
+        b[0].load = load(0, 0, 99);
+        assert_eq!(pick_aggregated(&b, &[]), Some(1));
+        b[1].load = load(7, 1, 99);
+        assert_eq!(pick_aggregated(&b, &[]), Some(0));
+        assert_eq!(pick_aggregated(&b, &["b0".into()]), Some(1));
+        assert_eq!(pick_aggregated(&[c("p0", Role::Prefill)], &[]), None);
     }
 
     #[test]
