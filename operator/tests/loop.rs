@@ -52,16 +52,20 @@ async fn applied_deployment_runs_engines_on_its_trays_and_becomes_ready() {
         time_scale: 100,
         lease_ttl_seconds: 3,
     };
-    let agents: Vec<ManagedProcess> =
-        harness::fleet::spawn_agents(&topo, &sibling("rackscale-agent"), &opts, dir.path())
-            .unwrap()
-            .into_iter()
-            .map(|a| a.process)
-            .collect();
+    let agent_bin = sibling("rackscale-agent");
+    let mut fleet = harness::fleet::spawn_agents(&topo, &agent_bin, &opts, dir.path()).unwrap();
     let registry = Registry::new(cluster.etcd().client().await.unwrap());
-    harness::fleet::wait_registered(&registry, 4, TIMEOUT)
-        .await
-        .unwrap();
+    harness::fleet::wait_registered(
+        &registry,
+        &mut fleet,
+        &agent_bin,
+        &opts,
+        dir.path(),
+        TIMEOUT,
+    )
+    .await
+    .unwrap();
+    let agents: Vec<ManagedProcess> = fleet.into_iter().map(|a| a.process).collect();
     let op_args =
         harness::fleet::operator_args(cluster.kubeconfig_path(), &etcd, free_port().unwrap());
     let _operator = ManagedProcess::spawn(

@@ -175,18 +175,25 @@ async fn whole_racks_run_recover_from_crashes_and_re_place_lost_trays() {
         time_scale: 100,
         lease_ttl_seconds: 2,
     };
-    let fleet = harness::fleet::spawn_agents(&topo, &sibling("rackscale-agent"), &opts, dir.path())
-        .unwrap();
+    let agent_bin = sibling("rackscale-agent");
+    let mut fleet = harness::fleet::spawn_agents(&topo, &agent_bin, &opts, dir.path()).unwrap();
+    let registry = Registry::new(cluster.etcd().client().await.unwrap());
+    harness::fleet::wait_registered(
+        &registry,
+        &mut fleet,
+        &agent_bin,
+        &opts,
+        dir.path(),
+        TIMEOUT,
+    )
+    .await
+    .unwrap();
     let agent_of: BTreeMap<String, usize> = fleet
         .iter()
         .enumerate()
         .map(|(i, a)| (a.node.clone(), i))
         .collect();
     let mut agents: Vec<ManagedProcess> = fleet.into_iter().map(|a| a.process).collect();
-    let registry = Registry::new(cluster.etcd().client().await.unwrap());
-    harness::fleet::wait_registered(&registry, 36, TIMEOUT)
-        .await
-        .unwrap();
     let op_args =
         harness::fleet::operator_args(cluster.kubeconfig_path(), &etcd, free_port().unwrap());
     let _operator = ManagedProcess::spawn(

@@ -53,15 +53,17 @@ pub fn agent_args(rack: &RackSpec, node: &str, port: u16, opts: &AgentOptions<'_
     ]
 }
 
-/// One started agent: its node and process.
+/// One started agent: its node, process and how it was started.
 #[derive(Debug)]
 pub struct FleetAgent {
     pub node: String,
     pub process: crate::process::ManagedProcess,
+    rack: crate::RackSpec,
 }
 
 /// Starts one `rackscale-agent` per tray of every rack of `topology`,
-/// logging to `dir`.
+/// logging to `dir`. Follow with [`wait_registered`], which also restarts
+/// an agent that lost the race for its port.
 pub fn spawn_agents(
     topology: &crate::Topology,
     agent_bin: &std::path::Path,
@@ -73,24 +75,62 @@ pub fn spawn_agents(
         for node in rack.node_names() {
             let args = agent_args(rack, &node, crate::process::free_port()?, opts);
             let process = crate::process::ManagedProcess::spawn(&node, agent_bin, &args, dir)?;
-            agents.push(FleetAgent { node, process });
+            agents.push(FleetAgent {
+                node,
+                process,
+                rack: rack.clone(),
+            });
         }
     }
     Ok(agents)
 }
 
-/// Waits until `count` agents have registered in etcd.
+/// Waits until every agent of `agents` has registered in etcd. An agent
+/// that exited because its port was taken meanwhile (free ports are picked
+/// before the process binds them) is started again on another port; any
+/// other exit, or a timeout, is an error naming the missing nodes.
 pub async fn wait_registered(
     registry: &proto::registry::Registry,
-    count: usize,
+    agents: &mut [FleetAgent],
+    agent_bin: &std::path::Path,
+    opts: &AgentOptions<'_>,
+    dir: &std::path::Path,
     timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
+    use crate::process::StartFailure;
     let call = std::time::Duration::from_secs(5);
-    crate::wait_until(format!("{count} agents registered"), timeout, || {
-        let registry = registry.clone();
-        async move { Ok(registry.list_agents(call).await?.records.len() == count) }
-    })
-    .await
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        for a in agents.iter_mut() {
+            match a.process.ensure_running() {
+                Ok(()) => {}
+                Err(StartFailure::PortTaken) => {
+                    let args = agent_args(&a.rack, &a.node, crate::process::free_port()?, opts);
+                    a.process =
+                        crate::process::ManagedProcess::spawn(&a.node, agent_bin, &args, dir)?;
+                }
+                Err(StartFailure::Failed(e)) => return Err(e),
+            }
+        }
+        let listing = registry.list_agents(call).await?;
+        let registered: std::collections::BTreeSet<&str> =
+            listing.records.iter().map(|r| r.node.as_str()).collect();
+        let missing: Vec<&str> = agents
+            .iter()
+            .map(|a| a.node.as_str())
+            .filter(|n| !registered.contains(n))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "agents not registered after {timeout:?}: {}",
+                missing.join(", ")
+            );
+        }
+        tokio::time::sleep(crate::wait::POLL_INTERVAL).await;
+    }
 }
 
 /// `rackscale-operator run` arguments against `kubeconfig`, with the

@@ -197,13 +197,20 @@ async fn main() -> Result<()> {
         time_scale: 100,
         lease_ttl_seconds: 10,
     };
-    let mut agents: Vec<ManagedProcess> =
-        harness::fleet::spawn_agents(&topology, &agent_bin, &opts, dir.path())?
-            .into_iter()
-            .map(|a| a.process)
-            .collect();
+    let mut fleet = harness::fleet::spawn_agents(&topology, &agent_bin, &opts, dir.path())?;
+    let registry = proto::registry::Registry::new(cluster.etcd().client().await?);
+    harness::fleet::wait_registered(
+        &registry,
+        &mut fleet,
+        &agent_bin,
+        &opts,
+        dir.path(),
+        TIMEOUT,
+    )
+    .await?;
+    let mut agents: Vec<ManagedProcess> = fleet.into_iter().map(|a| a.process).collect();
     step(&format!(
-        "started {} rackscale-agent processes, one per tray",
+        "started {} rackscale-agent processes, one per tray; all registered in etcd",
         agents.len()
     ));
 

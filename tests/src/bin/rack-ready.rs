@@ -83,10 +83,18 @@ async fn main() -> Result<()> {
         time_scale: 100,
         lease_ttl_seconds: 10,
     };
-    let _agents =
-        harness::fleet::spawn_agents(&topology, &sibling("rackscale-agent")?, &opts, dir.path())?;
+    let agent_bin = sibling("rackscale-agent")?;
+    let mut agents = harness::fleet::spawn_agents(&topology, &agent_bin, &opts, dir.path())?;
     let registry = Registry::new(cluster.etcd().client().await?);
-    harness::fleet::wait_registered(&registry, 18, TIMEOUT).await?;
+    harness::fleet::wait_registered(
+        &registry,
+        &mut agents,
+        &agent_bin,
+        &opts,
+        dir.path(),
+        TIMEOUT,
+    )
+    .await?;
     let args = harness::fleet::operator_args(cluster.kubeconfig_path(), &etcd, free_port()?);
     let _operator = ManagedProcess::spawn(
         "operator",
