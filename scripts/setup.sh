@@ -63,7 +63,7 @@ hint_for() {
   case $1 in
     etcd|kube|helm) echo "needs Go >= 1.26 on PATH (https://go.dev/doc/install) and access to the Go module proxy (GOPROXY=$(go env GOPROXY 2>/dev/null || echo unset))" ;;
     prometheus) echo "needs Debian's package: run 'apt-get update && apt-get install -y prometheus' as root" ;;
-    protoc) echo "needs Debian's package: run 'apt-get update && apt-get install -y protobuf-compiler' as root" ;;
+    protoc) echo "needs Debian's package: run 'apt-get update && apt-get install -y protobuf-compiler libprotobuf-dev' as root" ;;
     python) echo "needs python3 with the venv module (Debian: apt-get install -y python3-venv) and access to PyPI" ;;
     router) echo "needs python3 with the venv module (Debian: apt-get install -y python3-venv) and access to PyPI" ;;
     aiperf) echo "needs python3 3.11 to 3.13 with the venv module (or AIPERF_PYTHON=/path/to/such a python) and access to PyPI" ;;
@@ -187,9 +187,13 @@ prometheus_install() {
 }
 
 # -------------------------------------------------------------- protoc
-# etcd-client's build script compiles etcd's .proto files with protoc.
-protoc_ok() { command -v protoc >/dev/null 2>&1; }
-protoc_install() { apt_install protobuf-compiler; }
+# etcd-client's build script compiles etcd's .proto files with protoc, and
+# they import the well-known types (google/protobuf/descriptor.proto, ...),
+# which Debian ships in libprotobuf-dev, only recommended by the compiler.
+protoc_ok() {
+  command -v protoc >/dev/null 2>&1 && [ -f /usr/include/google/protobuf/descriptor.proto ]
+}
+protoc_install() { apt_install protobuf-compiler libprotobuf-dev; }
 
 # -------------------------------------------------------------- python
 python_stamp() { printf '%s\n' "${PY_PACKAGES[@]}" | sha256sum | cut -c1-16; }
