@@ -192,6 +192,17 @@ async fn frontend(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The GPU indices this rank drives: the agent's `--gpu-indices`, or, when
+/// started by hand, this rank's share of the worker's GPUs counted from 0.
+fn rank_gpus(args: &Args) -> Vec<u32> {
+    if args.gpu_indices.is_empty() {
+        let width = args.tp.max(args.ep).unwrap_or(1).max(1);
+        (0..width.div_ceil(args.world_size.max(1))).collect()
+    } else {
+        args.gpu_indices.clone()
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -208,6 +219,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, role = config.role.as_str(), "engine serving");
     let registry = prometheus::Registry::new();
     let metrics = EngineMetrics::register(&registry)?;
+    metrics.set_gpus(config.role.as_str(), rank_gpus(&args).len());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let exit_with_parent = args.exit_with_parent;
     let shutdown = async move {
@@ -239,14 +251,7 @@ async fn main() -> anyhow::Result<()> {
             endpoint: proto::records::RankEndpoint {
                 rank: args.rank,
                 node: args.node.clone(),
-                gpu_indices: if args.gpu_indices.is_empty() {
-                    // Started by hand, not by an agent: this rank's share
-                    // of the worker's GPUs, counted from 0.
-                    let width = args.tp.max(args.ep).unwrap_or(1).max(1);
-                    (0..width.div_ceil(args.world_size.max(1))).collect()
-                } else {
-                    args.gpu_indices.clone()
-                },
+                gpu_indices: rank_gpus(&args),
                 grpc_endpoint: endpoint.clone(),
                 kv_endpoint: endpoint.clone(),
             },
