@@ -164,6 +164,11 @@ async fn frontend(args: Args) -> anyhow::Result<()> {
         .context("connecting to the etcd registry")?;
     let pool = engine::frontend::pool::Pool::new(timeout);
     pool.follow(registry, &args.namespace, &args.deployment);
+    // The workers' pool sizes and load on this frontend's /metrics.
+    let metrics = prometheus::Registry::new();
+    metrics.register(Box::new(
+        engine::frontend::pool_metrics::PoolCollector::new(pool.clone())?,
+    ))?;
     let mut config = engine::frontend::RouterConfig::new(model.name.clone());
     config.max_in_flight = args.max_in_flight;
     let router = engine::frontend::Router::new(pool, config);
@@ -176,31 +181,13 @@ async fn frontend(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, deployment = %format!("{}/{}", args.namespace, args.deployment), "frontend serving");
     let tokenizer = std::sync::Arc::new(engine::openai::SimTokenizer::new(model.vocab));
-    engine::frontend::serve(
-        listener,
-        router,
-        tokenizer,
-        limits,
-        prometheus::Registry::new(),
-        async {
-            if let Err(e) = stop_signal().await {
-                tracing::warn!(error = %e, "no signal handler; stopping");
-            }
-        },
-    )
+    engine::frontend::serve(listener, router, tokenizer, limits, metrics, async {
+        if let Err(e) = stop_signal().await {
+            tracing::warn!(error = %e, "no signal handler; stopping");
+        }
+    })
     .await?;
     Ok(())
-}
-
-/// The GPU indices this rank drives: the agent's `--gpu-indices`, or, when
-/// started by hand, this rank's share of the worker's GPUs counted from 0.
-fn rank_gpus(args: &Args) -> Vec<u32> {
-    if args.gpu_indices.is_empty() {
-        let width = args.tp.max(args.ep).unwrap_or(1).max(1);
-        (0..width.div_ceil(args.world_size.max(1))).collect()
-    } else {
-        args.gpu_indices.clone()
-    }
 }
 
 #[tokio::main]
@@ -219,7 +206,6 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, role = config.role.as_str(), "engine serving");
     let registry = prometheus::Registry::new();
     let metrics = EngineMetrics::register(&registry)?;
-    metrics.set_gpus(config.role.as_str(), rank_gpus(&args).len());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let exit_with_parent = args.exit_with_parent;
     let shutdown = async move {
@@ -251,7 +237,14 @@ async fn main() -> anyhow::Result<()> {
             endpoint: proto::records::RankEndpoint {
                 rank: args.rank,
                 node: args.node.clone(),
-                gpu_indices: rank_gpus(&args),
+                gpu_indices: if args.gpu_indices.is_empty() {
+                    // Started by hand, not by an agent: this rank's share
+                    // of the worker's GPUs, counted from 0.
+                    let width = args.tp.max(args.ep).unwrap_or(1).max(1);
+                    (0..width.div_ceil(args.world_size.max(1))).collect()
+                } else {
+                    args.gpu_indices.clone()
+                },
                 grpc_endpoint: endpoint.clone(),
                 kv_endpoint: endpoint.clone(),
             },

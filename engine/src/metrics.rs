@@ -5,7 +5,7 @@
 //! The scheduler keeps the gauges current (it publishes after every loop
 //! turn); [`crate::server`] serves [`EngineMetrics::render`] as `GET /metrics`.
 
-use prometheus::{Gauge, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Gauge, IntCounter, IntGauge, Registry, TextEncoder};
 
 use crate::error::Result;
 
@@ -21,10 +21,6 @@ pub mod names {
     pub const KV_RECEIVED: &str = "rackscale_engine_kv_received_bytes_total";
     /// KV bytes sent through `PullKv`.
     pub const KV_SENT: &str = "rackscale_engine_kv_sent_bytes_total";
-    /// GPUs this rank process drives, by `role` (prefill, decode, both):
-    /// summed over a deployment's ranks it is the pool sizes, and the
-    /// denominator of tok/s per GPU.
-    pub const GPUS: &str = "rackscale_engine_gpus";
 }
 
 /// Handles on the registered metrics, and the registry they were registered
@@ -42,8 +38,6 @@ pub struct EngineMetrics {
     pub kv_received_bytes: IntCounter,
     /// [`names::KV_SENT`].
     pub kv_sent_bytes: IntCounter,
-    /// [`names::GPUS`]; set once at startup with [`Self::set_gpus`].
-    pub gpus: IntGaugeVec,
 }
 
 impl EngineMetrics {
@@ -57,10 +51,6 @@ impl EngineMetrics {
             kv_usage: Gauge::new(names::KV_USAGE, "Fraction of KV cache blocks in use")?,
             kv_received_bytes: IntCounter::new(names::KV_RECEIVED, "KV bytes pulled in")?,
             kv_sent_bytes: IntCounter::new(names::KV_SENT, "KV bytes streamed out")?,
-            gpus: IntGaugeVec::new(
-                Opts::new(names::GPUS, "GPUs this rank drives, by role"),
-                &["role"],
-            )?,
         })
     }
 
@@ -77,16 +67,7 @@ impl EngineMetrics {
         registry.register(Box::new(m.kv_usage.clone()))?;
         registry.register(Box::new(m.kv_received_bytes.clone()))?;
         registry.register(Box::new(m.kv_sent_bytes.clone()))?;
-        registry.register(Box::new(m.gpus.clone()))?;
         Ok(m)
-    }
-
-    /// Records that this rank drives `gpus` GPUs in `role` (a bounded
-    /// label: `prefill`, `decode` or `both`).
-    pub fn set_gpus(&self, role: &str, gpus: usize) {
-        self.gpus
-            .with_label_values(&[role])
-            .set(i64::try_from(gpus).unwrap_or(i64::MAX));
     }
 
     /// The registry [`Self::render`] exposes, for other components of the
@@ -115,17 +96,5 @@ mod tests {
         assert!(text.contains("vllm:num_requests_waiting 3"), "{text}");
         assert!(text.contains("vllm:num_requests_running 0"), "{text}");
         assert!(text.contains("vllm:kv_cache_usage_perc 0.25"), "{text}");
-    }
-
-    #[test]
-    fn exposes_gpus_by_role() {
-        let registry = Registry::new();
-        let m = EngineMetrics::register(&registry).expect("register");
-        m.set_gpus("decode", 4);
-        let text = m.render().expect("render");
-        assert!(
-            text.contains("rackscale_engine_gpus{role=\"decode\"} 4"),
-            "{text}"
-        );
     }
 }

@@ -14,6 +14,7 @@
 //! RPC, which frees the worker's slot and KV.
 
 pub mod pool;
+pub mod pool_metrics;
 pub mod proxy;
 pub mod select;
 
