@@ -22,6 +22,10 @@ pub enum Error {
     Serialization(#[from] serde_json::Error),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error("etcd registry: {0}")]
+    Registry(String),
+    #[error("{0}")]
+    SpecFile(String),
 }
 
 impl Error {
@@ -30,12 +34,13 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Kube(e) => !matches!(e, kube::Error::Api(s) if s.code == 422 || s.code == 400),
-            Error::Placement(_) | Error::Finalizer(_) => true,
+            Error::Placement(_) | Error::Finalizer(_) | Error::Registry(_) => true,
             Error::NoRecipe(_)
             | Error::DoesNotFit(_)
             | Error::Invalid(_)
             | Error::Model(_)
-            | Error::Serialization(_) => false,
+            | Error::Serialization(_)
+            | Error::SpecFile(_) => false,
         }
     }
 
@@ -50,6 +55,8 @@ impl Error {
             Error::Model(_) => "perf_model",
             Error::Serialization(_) => "serialization",
             Error::Finalizer(_) => "finalizer",
+            Error::Registry(_) => "registry",
+            Error::SpecFile(_) => "spec_file",
         }
     }
 
@@ -64,6 +71,8 @@ impl Error {
             Error::Model(_) => "PerfModelError",
             Error::Serialization(_) => "SerializationError",
             Error::Finalizer(_) => "FinalizerError",
+            Error::Registry(_) => "RegistryError",
+            Error::SpecFile(_) => "InvalidSpecFile",
         }
     }
 }

@@ -15,6 +15,8 @@ pub mod error;
 pub mod inventory;
 pub mod leader;
 pub mod ledger;
+pub mod pipeline;
 pub mod placement;
 pub mod planner;
+pub mod standalone;
 pub mod telemetry;

@@ -5,6 +5,10 @@
 //!   and Racks while it leads. A replica that loses leadership exits so its
 //!   supervisor restarts it as a follower; SIGTERM / Ctrl-C release the lease
 //!   so the other replica takes over at once.
+//! - `standalone`: no Kubernetes: ModelDeployments from YAML files, racks
+//!   from the agents' registry records, the same reconcile core; statuses
+//!   printed as they change and served on `/status` beside `/metrics`,
+//!   `/healthz` and `/readyz`. SIGTERM / Ctrl-C release every deployment.
 //! - `crds`: writes the CustomResourceDefinitions generated from the Rust
 //!   types (checked in under `deploy/crds/` and `charts/rackscale/crds/`).
 
@@ -38,6 +42,8 @@ struct Args {
 enum Command {
     /// Run the operator (reads KUBECONFIG or the in-cluster config).
     Run(RunArgs),
+    /// Run without Kubernetes: specs from files, agents from the registry.
+    Standalone(StandaloneArgs),
     /// Print the CRDs as YAML, or write one file per CRD into each --out-dir.
     Crds {
         #[arg(long, env = "RACKSCALE_CRD_OUT_DIR")]
@@ -91,6 +97,33 @@ struct RunArgs {
     call_timeout_ms: u64,
 }
 
+#[derive(Debug, clap::Args)]
+struct StandaloneArgs {
+    /// A ModelDeployment YAML file, or a directory of them (*.yaml, *.yml).
+    #[arg(long, env = "RACKSCALE_SPECS")]
+    specs: PathBuf,
+    /// etcd endpoints of the registry where agents register.
+    #[arg(
+        long,
+        env = "RACKSCALE_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        required = true
+    )]
+    etcd_endpoints: Vec<String>,
+    /// Address of the /status, /metrics, /healthz and /readyz server.
+    #[arg(long, env = "RACKSCALE_STATUS_ADDR", default_value = "127.0.0.1:8080")]
+    status_addr: SocketAddr,
+    /// Longest time between two reconciles of every deployment, milliseconds.
+    #[arg(long, env = "RACKSCALE_RESYNC_MS", default_value_t = 10_000)]
+    resync_ms: u64,
+    /// Deadline of every call to etcd and to agents, in milliseconds.
+    #[arg(long, env = "RACKSCALE_CALL_TIMEOUT_MS", default_value_t = 5_000)]
+    call_timeout_ms: u64,
+    /// Log as JSON lines.
+    #[arg(long, env = "RACKSCALE_LOG_JSON")]
+    log_json: bool,
+}
+
 async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
@@ -108,6 +141,7 @@ async fn main() -> Result<()> {
     match Args::parse().command {
         Command::Crds { out_dir } => write_crds(&out_dir),
         Command::Run(args) => run(args).await,
+        Command::Standalone(args) => standalone(args).await,
     }
 }
 
@@ -250,6 +284,60 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     let _ = server.await;
     Ok(())
+}
+
+async fn standalone(args: StandaloneArgs) -> Result<()> {
+    init_tracing(args.log_json);
+    if args.resync_ms == 0 {
+        bail!("--resync-ms must be positive");
+    }
+    // Bad spec files fail before anything connects or binds.
+    operator::standalone::specs::load(&args.specs)?;
+    let timeout = Duration::from_millis(args.call_timeout_ms);
+    let metrics = Metrics::new().context("registering metrics")?;
+    let health = Health::new(Duration::from_secs(60));
+    health.set_not_ready("first reconcile pending");
+    let board = operator::standalone::board::Board::default();
+    let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
+        .await
+        .context("connecting to the etcd registry")?;
+    let directory = Arc::new(RegistryDirectory {
+        registry: registry.clone(),
+        timeout,
+    });
+    let agents = Arc::new(GrpcAgents::new(directory, timeout, Duration::from_secs(30)));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let listener = tokio::net::TcpListener::bind(args.status_addr)
+        .await
+        .with_context(|| format!("binding {}", args.status_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /status, /metrics, /healthz, /readyz");
+    let server = tokio::spawn(operator::standalone::board::serve(
+        listener,
+        board.clone(),
+        TelemetryState::new(metrics.clone(), health.clone()),
+        stopped(stop_rx.clone()),
+    ));
+    let parts = operator::standalone::Parts {
+        specs: args.specs,
+        registry,
+        agents,
+        metrics,
+        health,
+        board,
+        timeout,
+        resync: Duration::from_millis(args.resync_ms),
+    };
+    let result = operator::standalone::run(parts, stopped(stop_rx.clone())).await;
+    server.abort();
+    result.context("standalone operator")
 }
 
 fn write_crds(dirs: &[PathBuf]) -> Result<()> {

@@ -89,6 +89,16 @@ impl Context {
         true
     }
 
+    /// The reconcile core's view of this context.
+    fn core(&self) -> crate::pipeline::Core<'_> {
+        crate::pipeline::Core {
+            ledger: &self.ledger,
+            agents: self.agents.as_ref(),
+            health: self.health.as_ref(),
+            metrics: &self.metrics,
+        }
+    }
+
     fn note_success(&self, key: &str) {
         self.failures
             .lock()
