@@ -8,11 +8,15 @@
 //!   and writes the constants that are checked in.
 //! - `bench`: drives an OpenAI-compatible endpoint with InferenceX's workload
 //!   and reports tok/s/GPU, tok/s/user, TTFT, TPOT and failures.
+//! - `up`: the whole system on one machine (etcd, one agent per simulated
+//!   tray, the standalone operator, frontends), optionally benched against
+//!   the perf model's predictions.
 
 mod bench;
 mod calibrate;
 mod plan;
 mod svg;
+mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +36,8 @@ enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Load-test an OpenAI-compatible endpoint; report InferenceX figures.
     Bench(bench::BenchArgs),
+    /// Run a local rack: etcd, agents, the operator and frontends.
+    Up(up::UpArgs),
 }
 
 fn main() {
@@ -40,6 +46,7 @@ fn main() {
         Command::Plan(args) => plan::run(args),
         Command::Calibrate(args) => calibrate::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Up(args) => up::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

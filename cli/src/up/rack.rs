@@ -1,0 +1,254 @@
+//! The processes of a local rack and their orderly stop: etcd, one
+//! `rackscale-agent` per tray, `rackscale-operator standalone` and one
+//! `--role frontend` engine per deployment, all on loopback, each logging to
+//! `<log dir>/<name>.log`.
+//!
+//! Invariant: [`LocalRack::stop`] leaves no process behind. The order
+//! matters: frontends first, then the operator (SIGTERM: it releases every
+//! deployment, so agents stop their engine ranks), then the agents
+//! (SIGTERM: each stops any rank it still runs, and its engines exit with
+//! it), then etcd. Anything that does not exit in time is killed.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use harness::process::{ManagedProcess, StartFailure, free_port};
+use harness::{Etcd, Topology};
+
+/// How long a process gets between SIGTERM and SIGKILL.
+const GRACE: Duration = Duration::from_secs(30);
+
+/// The rackscale binaries, found beside this one (`make build` builds all).
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub operator: PathBuf,
+    pub agent: PathBuf,
+    pub engine: PathBuf,
+    pub rackscale: PathBuf,
+}
+
+impl Bins {
+    pub fn beside_me() -> Result<Self> {
+        let me = std::env::current_exe().context("locating the rackscale binary")?;
+        let find = |name: &str| -> Result<PathBuf> {
+            let bin = me.with_file_name(name);
+            if !bin.is_file() {
+                bail!(
+                    "{} is missing: build it with `cargo build --workspace --bins` (make build)",
+                    bin.display()
+                );
+            }
+            Ok(bin)
+        };
+        Ok(Self {
+            operator: find("rackscale-operator")?,
+            agent: find("rackscale-agent")?,
+            engine: find("rackscale-engine")?,
+            rackscale: me.clone(),
+        })
+    }
+}
+
+/// Sends SIGTERM to `p` and waits for it to exit; kills it after `grace`.
+/// Returns whether it exited on its own.
+async fn terminate(p: &mut ManagedProcess, grace: Duration) -> bool {
+    if p.ensure_running().is_err() {
+        return true;
+    }
+    let _ = tokio::process::Command::new("kill")
+        .args(["-TERM", &p.pid().to_string()])
+        .status()
+        .await;
+    let deadline = Instant::now() + grace;
+    while p.ensure_running().is_ok() {
+        if Instant::now() > deadline {
+            let _ = p.kill();
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
+}
+
+/// Whether `p` still runs; its exit (with its log's tail) as an error.
+fn alive(p: &mut ManagedProcess) -> Result<()> {
+    match p.ensure_running() {
+        Ok(()) => Ok(()),
+        Err(StartFailure::Failed(e)) => Err(e),
+        Err(StartFailure::PortTaken) => bail!("its port was taken; log {}", p.log_path().display()),
+    }
+}
+
+/// A frontend serving one deployment.
+#[derive(Debug)]
+pub struct Frontend {
+    /// `namespace/name` of the deployment.
+    pub key: String,
+    pub port: u16,
+    pub process: ManagedProcess,
+}
+
+/// Everything started so far; [`LocalRack::stop`] stops it in order.
+#[derive(Debug, Default)]
+pub struct LocalRack {
+    pub etcd: Option<Etcd>,
+    pub agents: Vec<ManagedProcess>,
+    pub operator: Option<ManagedProcess>,
+    pub status_port: u16,
+    pub frontends: Vec<Frontend>,
+}
+
+impl LocalRack {
+    /// The etcd client URL (once etcd runs).
+    pub fn etcd_endpoint(&self) -> Result<String> {
+        Ok(self
+            .etcd
+            .as_ref()
+            .context("etcd is not running")?
+            .endpoint()
+            .to_string())
+    }
+
+    /// One agent per tray of `topology`, each registered in etcd before
+    /// this returns (an agent that lost its port race is restarted).
+    pub async fn start_agents(
+        &mut self,
+        topology: &Topology,
+        bins: &Bins,
+        time_scale: u32,
+        logs: &Path,
+    ) -> Result<()> {
+        let etcd = self.etcd_endpoint()?;
+        let engine = bins.engine.display().to_string();
+        let opts = harness::fleet::AgentOptions {
+            etcd: &etcd,
+            engine_bin: &engine,
+            time_scale,
+            lease_ttl_seconds: 10,
+        };
+        let mut fleet = harness::fleet::spawn_agents(topology, &bins.agent, &opts, logs)?;
+        let registry =
+            proto::registry::Registry::connect(std::slice::from_ref(&etcd), Duration::from_secs(5))
+                .await
+                .context("connecting to etcd")?;
+        let waited = harness::fleet::wait_registered(
+            &registry,
+            &mut fleet,
+            &bins.agent,
+            &opts,
+            logs,
+            Duration::from_secs(120),
+        )
+        .await;
+        self.agents = fleet.into_iter().map(|a| a.process).collect();
+        waited
+    }
+
+    /// The standalone operator on `specs`, serving `/status` on a free port.
+    pub fn start_operator(&mut self, bins: &Bins, specs: &Path, logs: &Path) -> Result<()> {
+        let port = free_port()?;
+        let args: Vec<String> = vec![
+            "standalone".into(),
+            "--specs".into(),
+            specs.display().to_string(),
+            "--etcd-endpoints".into(),
+            self.etcd_endpoint()?,
+            "--status-addr".into(),
+            format!("127.0.0.1:{port}"),
+        ];
+        self.operator = Some(ManagedProcess::spawn(
+            "rackscale-operator",
+            &bins.operator,
+            &args,
+            logs,
+        )?);
+        self.status_port = port;
+        Ok(())
+    }
+
+    /// A `--role frontend` engine for deployment `namespace/name`.
+    pub fn start_frontend(
+        &mut self,
+        bins: &Bins,
+        namespace: &str,
+        name: &str,
+        profile: &str,
+        logs: &Path,
+    ) -> Result<u16> {
+        let port = free_port()?;
+        let args: Vec<String> = vec![
+            "--role=frontend".into(),
+            format!("--model={profile}"),
+            format!("--listen=127.0.0.1:{port}"),
+            format!("--etcd-endpoints={}", self.etcd_endpoint()?),
+            format!("--namespace={namespace}"),
+            format!("--deployment={name}"),
+        ];
+        let process =
+            ManagedProcess::spawn(&format!("frontend-{name}"), &bins.engine, &args, logs)?;
+        self.frontends.push(Frontend {
+            key: format!("{namespace}/{name}"),
+            port,
+            process,
+        });
+        Ok(port)
+    }
+
+    /// Fails when a started process exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(op) = self.operator.as_mut() {
+            alive(op).context("rackscale-operator stopped")?;
+        }
+        for f in &mut self.frontends {
+            alive(&mut f.process).with_context(|| format!("frontend of {} stopped", f.key))?;
+        }
+        Ok(())
+    }
+
+    /// Stops everything in order (see the module docs) and says what it did.
+    pub async fn stop(&mut self) {
+        if !self.frontends.is_empty() {
+            for f in &mut self.frontends {
+                terminate(&mut f.process, GRACE).await;
+            }
+            println!("[up] stopped {} frontend(s)", self.frontends.len());
+            self.frontends.clear();
+        }
+        if let Some(mut op) = self.operator.take() {
+            let clean = terminate(&mut op, GRACE).await;
+            println!(
+                "[up] stopped the operator{}",
+                if clean {
+                    " (it released every deployment: agents stopped their ranks)"
+                } else {
+                    ": it did not exit in time and was killed"
+                }
+            );
+        }
+        if !self.agents.is_empty() {
+            let mut killed = 0;
+            let agents = std::mem::take(&mut self.agents);
+            let waits = agents.into_iter().map(|mut a| async move {
+                let clean = terminate(&mut a, GRACE).await;
+                (a, clean)
+            });
+            for (_, clean) in futures::future::join_all(waits).await {
+                if !clean {
+                    killed += 1;
+                }
+            }
+            println!(
+                "[up] stopped the agents (SIGTERM: each stops its engine ranks){}",
+                if killed > 0 {
+                    format!("; {killed} had to be killed")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if self.etcd.take().is_some() {
+            println!("[up] stopped etcd");
+        }
+    }
+}
