@@ -7,7 +7,6 @@ CARGO ?= cargo
 # One dev-profile build serves `make run` and `make test` (perfmodel is
 # optimised even there, see Cargo.toml).
 RACKSCALE := target/debug/rackscale
-LOCAL_RACK := target/debug/local-rack
 OUT ?= target/rackscale-run
 
 .PHONY: all setup build run test lint unit bench clean-cache help crds
@@ -27,12 +26,14 @@ build:
 	@echo "[build] cargo build (the first build takes 10-15 minutes on 2 cores)"
 	@$(CARGO) build --workspace --bins
 
-# The most complete real thing available today: the planner over both rack
-# SKUs with the InferenceX comparison and frontier plot, then a simulated
-# fleet (one GB300 and one GB200 NVL72 rack: 36 rackscale-agent processes)
-# through real etcd, kube-apiserver and rackscale-operator, which plans,
-# places and launches the examples in deploy/examples/ as engine processes.
-# KEEP=1 leaves the fleet up for kubectl.
+# The whole system on one machine: the planner over both rack SKUs with the
+# InferenceX comparison and frontier plot, the calibration check, then
+# `rackscale up`: etcd, one rackscale-agent per simulated tray (one GB300 and
+# one GB200 NVL72 rack), rackscale-operator in standalone mode planning,
+# placing and launching deploy/examples/ as engine processes, a frontend per
+# deployment, a short `rackscale bench` on each and the predicted-vs-measured
+# summary with both racks' frontiers and the measured points; then a clean
+# stop. KEEP=1 leaves it up (Ctrl-C stops it).
 run: setup build
 	@mkdir -p $(OUT)
 	@echo
@@ -43,10 +44,10 @@ run: setup build
 	@echo "== 2. The InferenceX calibration rows, predicted against measured =="
 	@$(RACKSCALE) calibrate --check
 	@echo
-	@echo "== 3. A simulated fleet through the real control plane =="
-	@$(LOCAL_RACK) --examples deploy/examples --crds deploy/crds
+	@echo "== 3. A local rack: rackscale up, a bench on every deployment, predicted vs measured =="
+	@$(RACKSCALE) up --specs deploy/examples --log-dir $(OUT)/up --bench --plot $(OUT)/measured.svg
 	@echo
-	@echo "Frontier plot: $(OUT)/frontiers.svg"
+	@echo "Frontier plots: $(OUT)/frontiers.svg (planner), $(OUT)/measured.svg (with the measured points)"
 
 lint:
 	@echo "[lint] cargo fmt --check"
