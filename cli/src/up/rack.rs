@@ -220,7 +220,7 @@ impl LocalRack {
             println!(
                 "[up] stopped the operator{}",
                 if clean {
-                    " (it released every deployment: agents stopped their ranks)"
+                    " (on the way out it released every deployment, asking the agents to stop their ranks)"
                 } else {
                     ": it did not exit in time and was killed"
                 }

@@ -254,7 +254,9 @@ pub async fn run(parts: Parts, shutdown: impl Future<Output = ()>) -> Result<()>
     let keys: Vec<String> = state.statuses.keys().cloned().collect();
     for key in keys {
         pipeline::release(state.core(), &key).await;
-        say(&format!("{key}: released; its workers are stopped"));
+        say(&format!(
+            "{key}: released its GPUs and asked the agents to stop its workers"
+        ));
     }
     Ok(())
 }
