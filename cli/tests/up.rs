@@ -102,6 +102,51 @@ fn a_small_rack_comes_up_is_benched_and_stops_cleanly() {
 }
 
 #[test]
+fn with_kube_the_same_rack_runs_through_the_api_server() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("specs")).unwrap();
+    std::fs::write(dir.path().join("specs/tiny.yaml"), SPEC).unwrap();
+    let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds");
+    let (ok, text) = up(
+        dir.path(),
+        &dir.path().join("specs"),
+        &[
+            "--kube",
+            "--crds",
+            crds,
+            "--topology",
+            "t=gb300:3x4",
+            "--bench",
+            "--isl",
+            "256",
+            "--osl",
+            "32",
+            "--concurrency",
+            "4",
+            "--requests",
+            "16",
+            "--warmup",
+            "4",
+        ],
+    );
+    assert!(ok, "{text}");
+    // `kubectl get md,racks` as printed: the deployment and its rack.
+    let md = text
+        .lines()
+        .find(|l| l.contains("modeldeployment.rackscale.io/tiny"))
+        .unwrap_or_else(|| panic!("no kubectl row: {text}"));
+    assert!(md.contains("2/2"), "{md}");
+    assert!(text.contains("rack.rackscale.io/"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("default/tiny") && l.contains('|')),
+        "{text}"
+    );
+    assert!(text.contains("deleted 1 ModelDeployment(s)"), "{text}");
+    assert!(text.contains("stopped kube-apiserver and etcd"), "{text}");
+}
+
+#[test]
 fn bad_input_is_refused_before_anything_starts() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("specs")).unwrap();

@@ -7,11 +7,13 @@
 //! `rackscale bench`, prints predicted against measured figures and draws
 //! both racks' frontiers with the measured points, then stops (unless
 //! `--keep`). `--kube` runs the same fleet through a local kube-apiserver
-//! instead (the `local-rack` flow) so `kubectl get md,racks` works.
+//! instead, with the operator in Kubernetes mode, so `kubectl get md,racks`
+//! works; progress, frontends, bench and summary are the same code.
 //!
 //! Whatever happens (Ctrl-C, an error, the end) every process is stopped
 //! in order; see [`rack::LocalRack::stop`].
 
+mod kube;
 mod rack;
 mod summary;
 mod topology;
@@ -73,9 +75,13 @@ pub struct UpArgs {
     /// After --bench, stay up until Ctrl-C instead of stopping.
     #[arg(long, env = "KEEP", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false")]
     keep: bool,
-    /// Run through a local kube-apiserver (`kubectl get md,racks` works).
+    /// Run through a local kube-apiserver with the operator in Kubernetes
+    /// mode (`kubectl get md,racks` works).
     #[arg(long)]
     kube: bool,
+    /// CRDs to install with --kube.
+    #[arg(long, default_value = "deploy/crds")]
+    crds: PathBuf,
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
@@ -91,9 +97,6 @@ fn step(text: &str) {
 }
 
 async fn up(args: UpArgs) -> Result<()> {
-    if args.kube {
-        return kube(&args).await;
-    }
     let bins = Bins::beside_me()?;
     let topology = topology::parse(&args.topology)?;
     // Processes run in the log directory: hand them absolute paths.
@@ -135,8 +138,17 @@ async fn bring_up(
     rack: &mut LocalRack,
 ) -> Result<()> {
     let started = Instant::now();
-    step("starting etcd on loopback");
-    rack.etcd = Some(harness::Etcd::start().await?);
+    if args.kube {
+        step("starting etcd and kube-apiserver on loopback");
+        let n = kube::start_cluster(rack, topology, &args.crds).await?;
+        step(&format!(
+            "installed {n} CRDs from {}; one GFD-labelled Node per tray",
+            args.crds.display()
+        ));
+    } else {
+        step("starting etcd on loopback");
+        rack.etcd = Some(harness::Etcd::start().await?);
+    }
     let trays: usize = topology.racks().iter().map(|r| r.trays as usize).sum();
     let described: Vec<String> = topology
         .racks()
@@ -155,14 +167,27 @@ async fn bring_up(
     rack.start_agents(topology, bins, args.time_scale, logs)
         .await?;
     step(&format!("all {trays} agents registered in etcd"));
-    rack.start_operator(bins, specs, logs)?;
-    step(&format!(
-        "operator (standalone) planning and placing {}",
-        args.specs.display()
-    ));
+    if args.kube {
+        kube::start_operator(rack, bins, logs)?;
+        let applied = kube::apply_specs(rack, specs).await?;
+        step(&format!(
+            "operator (Kubernetes mode) planning and placing {} ModelDeployment(s) applied from {}",
+            applied.len(),
+            args.specs.display()
+        ));
+    } else {
+        rack.start_operator(bins, specs, logs)?;
+        step(&format!(
+            "operator (standalone) planning and placing {}",
+            args.specs.display()
+        ));
+    }
     let board = wait_ready(rack, Duration::from_secs(args.timeout_s)).await?;
     let deployments: Vec<Value> = board["deployments"].as_array().cloned().unwrap_or_default();
     print_workers(&deployments);
+    if args.kube {
+        println!("{}", kube::get_md_racks(rack).await?);
+    }
     for d in &deployments {
         let (ns, name) = (str_of(&d["namespace"]), str_of(&d["name"]));
         let profile = str_of(&d["spec"]["model"]["profile"]);
@@ -210,6 +235,19 @@ async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     Ok((code, body.to_string()))
 }
 
+/// Every deployment with its spec and status: the standalone operator's
+/// `/status`, or the ModelDeployments on the API server with `--kube`.
+async fn board(rack: &LocalRack) -> Result<Value> {
+    if rack.cluster.is_some() {
+        return kube::board(rack).await;
+    }
+    let (code, body) = http_get(rack.status_port, "/status").await?;
+    if code != 200 {
+        bail!("/status answered {code}");
+    }
+    serde_json::from_str(&body).context("parsing /status")
+}
+
 /// Polls the operator's `/status` until every deployment is Ready, printing
 /// progress (workers running out of planned) as it changes. A deployment
 /// that Failed (its spec cannot be planned or placed) is an error.
@@ -219,8 +257,7 @@ async fn wait_ready(rack: &mut LocalRack, timeout: Duration) -> Result<Value> {
     let mut phases: BTreeMap<String, String> = BTreeMap::new();
     loop {
         rack.check_alive()?;
-        if let Ok((200, body)) = http_get(rack.status_port, "/status").await {
-            let board: Value = serde_json::from_str(&body).context("parsing /status")?;
+        if let Ok(board) = board(rack).await {
             let ds = board["deployments"].as_array().cloned().unwrap_or_default();
             let (mut running, mut total) = (0u32, 0u32);
             for d in &ds {
@@ -322,7 +359,12 @@ fn print_workers(deployments: &[Value]) {
 fn print_where(rack: &LocalRack, logs: &Path) -> Result<()> {
     let p = rack.status_port;
     println!("rackscale is up:");
-    println!("  operator status   http://127.0.0.1:{p}/status   (JSON of every deployment)");
+    match kube::kubectl_hint(rack) {
+        Some(hint) => println!("  kubectl           {hint}"),
+        None => {
+            println!("  operator status   http://127.0.0.1:{p}/status   (JSON of every deployment)")
+        }
+    }
     println!("  operator metrics  http://127.0.0.1:{p}/metrics  health /healthz");
     for f in &rack.frontends {
         println!(
@@ -456,40 +498,5 @@ fn plot(args: &UpArgs, deployments: &[Value], rows: &[Row]) -> Result<()> {
         "frontiers of both racks with the measured points: {}",
         args.plot.display()
     ));
-    Ok(())
-}
-
-/// `--kube`: the same fleet through etcd + kube-apiserver and the operator
-/// in Kubernetes mode (the `local-rack` flow), so `kubectl` works.
-async fn kube(args: &UpArgs) -> Result<()> {
-    let me = std::env::current_exe()?;
-    let local_rack = me.with_file_name("local-rack");
-    if !local_rack.is_file() {
-        bail!(
-            "{} is missing: build it with `cargo build --workspace --bins`",
-            local_rack.display()
-        );
-    }
-    if args.topology != "gb300,gb200" {
-        bail!("--kube runs the default topology (one GB300 and one GB200 NVL72 rack) only");
-    }
-    let crds = args
-        .specs
-        .parent()
-        .map(|p| p.join("crds"))
-        .filter(|p| p.is_dir())
-        .unwrap_or_else(|| PathBuf::from("deploy/crds"));
-    let mut cmd = tokio::process::Command::new(local_rack);
-    cmd.arg("--examples")
-        .arg(&args.specs)
-        .arg("--crds")
-        .arg(crds);
-    if args.keep {
-        cmd.arg("--keep");
-    }
-    let status = cmd.status().await.context("running local-rack")?;
-    if !status.success() {
-        bail!("local-rack failed ({status})");
-    }
     Ok(())
 }

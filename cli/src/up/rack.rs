@@ -1,10 +1,12 @@
-//! The processes of a local rack and their orderly stop: etcd, one
+//! The processes of a local rack and their orderly stop: etcd (or
+//! kube-apiserver and etcd with `--kube`), one
 //! `rackscale-agent` per tray, `rackscale-operator standalone` and one
 //! `--role frontend` engine per deployment, all on loopback, each logging to
 //! `<log dir>/<name>.log`.
 //!
 //! Invariant: [`LocalRack::stop`] leaves no process behind. The order
-//! matters: frontends first, then the operator (SIGTERM: it releases every
+//! matters: with `--kube` the deployments are deleted first (the operator's
+//! finalizer releases them); frontends next, then the operator (SIGTERM: it releases every
 //! deployment, so agents stop their engine ranks), then the agents
 //! (SIGTERM: each stops any rank it still runs, and its engines exit with
 //! it), then etcd. Anything that does not exit in time is killed.
@@ -93,6 +95,8 @@ pub struct Frontend {
 #[derive(Debug, Default)]
 pub struct LocalRack {
     pub etcd: Option<Etcd>,
+    /// kube-apiserver and its etcd (`--kube`), instead of `etcd`.
+    pub cluster: Option<harness::Cluster>,
     pub agents: Vec<ManagedProcess>,
     pub operator: Option<ManagedProcess>,
     pub status_port: u16,
@@ -102,12 +106,12 @@ pub struct LocalRack {
 impl LocalRack {
     /// The etcd client URL (once etcd runs).
     pub fn etcd_endpoint(&self) -> Result<String> {
-        Ok(self
-            .etcd
-            .as_ref()
-            .context("etcd is not running")?
-            .endpoint()
-            .to_string())
+        let etcd = match (&self.etcd, &self.cluster) {
+            (Some(etcd), _) => etcd,
+            (None, Some(cluster)) => cluster.etcd(),
+            (None, None) => bail!("etcd is not running"),
+        };
+        Ok(etcd.endpoint().to_string())
     }
 
     /// One agent per tray of `topology`, each registered in etcd before
@@ -208,6 +212,14 @@ impl LocalRack {
 
     /// Stops everything in order (see the module docs) and says what it did.
     pub async fn stop(&mut self) {
+        if self.cluster.is_some() && self.operator.is_some() {
+            match super::kube::delete_all(self).await {
+                Ok(n) => println!(
+                    "[up] deleted {n} ModelDeployment(s): the operator released their GPUs and stopped their ranks"
+                ),
+                Err(e) => eprintln!("[up] deleting the deployments failed: {e:#}"),
+            }
+        }
         if !self.frontends.is_empty() {
             for f in &mut self.frontends {
                 terminate(&mut f.process, GRACE).await;
@@ -219,10 +231,12 @@ impl LocalRack {
             let clean = terminate(&mut op, GRACE).await;
             println!(
                 "[up] stopped the operator{}",
-                if clean {
-                    " (on the way out it released every deployment, asking the agents to stop their ranks)"
-                } else {
+                if !clean {
                     ": it did not exit in time and was killed"
+                } else if self.cluster.is_some() {
+                    " (it released its leader lease)"
+                } else {
+                    " (on the way out it released every deployment, asking the agents to stop their ranks)"
                 }
             );
         }
@@ -249,6 +263,9 @@ impl LocalRack {
         }
         if self.etcd.take().is_some() {
             println!("[up] stopped etcd");
+        }
+        if self.cluster.take().is_some() {
+            println!("[up] stopped kube-apiserver and etcd");
         }
     }
 }
