@@ -16,7 +16,7 @@ use crate::blocks::BlockPool;
 use crate::config::Budgets;
 use crate::error::{Error, Result};
 use crate::metrics::EngineMetrics;
-use crate::sim::SimBackend;
+use crate::sim::{Pacer, SimBackend};
 
 /// Commands buffered towards the scheduler before senders wait.
 const COMMAND_CAPACITY: usize = 1024;
@@ -125,6 +125,7 @@ impl Scheduler {
             budgets,
             metrics,
             clock: 0.0,
+            pacer: Pacer::default(),
             prefills: VecDeque::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -208,6 +209,8 @@ struct State {
     metrics: EngineMetrics,
     /// Modelled seconds: the sum of every step this worker ran.
     clock: f64,
+    /// Keeps busy runs of steps on their modelled wall schedule.
+    pacer: Pacer,
     prefills: VecDeque<PendingPrefill>,
     waiting: VecDeque<(DecodeJob, mpsc::Sender<TokenEvent>)>,
     running: Vec<Running>,
@@ -239,6 +242,7 @@ impl State {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         loop {
             if self.idle() {
+                self.pacer.idle();
                 match rx.recv().await {
                     Some(cmd) => self.handle(cmd),
                     None => return,
@@ -342,7 +346,7 @@ impl State {
             parts.push((take, p.prompt_len));
         }
         let seconds = self.sim.prefill_step_seconds(&parts);
-        self.sim.sleep(seconds).await;
+        self.pacer.step(self.sim.wall(seconds)).await;
         self.clock += seconds;
         let tokens: u32 = parts.iter().map(|&(t, _)| t).sum();
         push_window(&mut self.prefill_steps, (tokens, seconds));
@@ -373,7 +377,7 @@ impl State {
             .map(|r| r.job.prompt_len + r.generated)
             .collect();
         let seconds = self.sim.decode_step_seconds(&contexts);
-        self.sim.sleep(seconds).await;
+        self.pacer.step(self.sim.wall(seconds)).await;
         self.clock += seconds;
         let mut i = 0;
         while i < self.running.len() {

@@ -69,9 +69,19 @@ impl SimBackend {
 
     /// Sleeps the wall time that `modelled` seconds take at this time scale.
     pub async fn sleep(&self, modelled: f64) {
+        let wall = self.wall(modelled);
+        if !wall.is_zero() {
+            tokio::time::sleep(wall).await;
+        }
+    }
+
+    /// The wall time `modelled` seconds take at this time scale.
+    pub fn wall(&self, modelled: f64) -> Duration {
         let wall = modelled / self.time_scale;
         if wall.is_finite() && wall > 0.0 {
-            tokio::time::sleep(Duration::from_secs_f64(wall)).await;
+            Duration::from_secs_f64(wall)
+        } else {
+            Duration::ZERO
         }
     }
 
@@ -84,6 +94,46 @@ impl SimBackend {
     pub fn token(&self, request_id: &str, position: u32) -> u32 {
         let vocab = u64::from(self.model.vocab.max(1));
         (mix(seed(request_id) ^ u64::from(position)) % vocab) as u32
+    }
+}
+
+/// How far a busy worker may fall behind its modelled steps before it
+/// restarts its pacing from now instead of running steps back to back.
+pub const MAX_LAG: Duration = Duration::from_millis(50);
+
+/// Paces a worker's back-to-back steps against the wall clock without drift.
+///
+/// A GPU runs a busy engine's steps back to back while the host prepares the
+/// next one, so a step's wall time is its modelled time over the time scale
+/// and nothing more. Sleeping that long after each step would add the loop's
+/// own work between steps (streaming tokens out, taking commands) and the
+/// timer's millisecond rounding to every step, which at a time scale of a
+/// few shows up as a TPOT several percent slower than modelled. Instead each
+/// step of a busy run ends a step's time after the previous step's planned
+/// end. After idling, or when the host fell behind by more than [`MAX_LAG`],
+/// pacing restarts from now.
+#[derive(Debug, Default)]
+pub struct Pacer {
+    /// Planned wall end of the last step of the current busy run.
+    last_end: Option<tokio::time::Instant>,
+}
+
+impl Pacer {
+    /// Waits out one step of `wall` time.
+    pub async fn step(&mut self, wall: Duration) {
+        let now = tokio::time::Instant::now();
+        let start = match self.last_end {
+            Some(end) if end + MAX_LAG >= now => end,
+            _ => now,
+        };
+        let end = start + wall;
+        self.last_end = Some(end);
+        tokio::time::sleep_until(end).await;
+    }
+
+    /// The worker ran out of work: the next step starts from its arrival.
+    pub fn idle(&mut self) {
+        self.last_end = None;
     }
 }
 
@@ -174,6 +224,32 @@ mod tests {
         let mut bad = kv.clone();
         bad[500] ^= 1;
         assert_ne!(checksum(&bad), checksum(&kv));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pacer_absorbs_work_between_steps_but_not_idle_time() {
+        let step = Duration::from_millis(10);
+        let mut pacer = Pacer::default();
+        let start = tokio::time::Instant::now();
+        for _ in 0..10 {
+            pacer.step(step).await;
+            // 3 ms of host work after every step.
+            tokio::time::advance(Duration::from_millis(3)).await;
+        }
+        // Ten steps end 100 ms after the first began; the last step's 3 ms
+        // of host work comes after it.
+        assert_eq!(start.elapsed(), Duration::from_millis(103));
+        // Idle, then a new busy run starts from now, not from the past.
+        pacer.idle();
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let resumed = tokio::time::Instant::now();
+        pacer.step(step).await;
+        assert_eq!(resumed.elapsed(), step);
+        // A host stalled longer than MAX_LAG does not burst to catch up.
+        tokio::time::advance(MAX_LAG * 2).await;
+        let late = tokio::time::Instant::now();
+        pacer.step(step).await;
+        assert_eq!(late.elapsed(), step);
     }
 
     #[tokio::test(start_paused = true)]
