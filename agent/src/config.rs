@@ -8,7 +8,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::gpu::{ConfiguredGpus, NodeIdentity, SimulatedGpus};
 use crate::registration::RegistrationConfig;
-use crate::supervisor::{EngineCommand, RestartPolicy, SupervisorConfig};
+use crate::supervisor::{EngineCommand, RestartPolicy, SupervisorConfig, env};
 use crate::{Error, Result};
 
 /// Flags of `rackscale-agent`; every flag has a `RACKSCALE_AGENT_*` env twin.
@@ -153,6 +153,14 @@ impl TryFrom<Args> for Config {
             ));
         }
         let gpus = gpu_source(&args)?;
+        let etcd: Vec<String> = args.etcd.into_iter().filter(|e| !e.is_empty()).collect();
+        let mut engine_env = vec![
+            (env::NODE.to_owned(), args.node.clone()),
+            (env::SKU.to_owned(), args.sku.to_lowercase()),
+        ];
+        if !etcd.is_empty() {
+            engine_env.push((env::ETCD_ENDPOINTS.to_owned(), etcd.join(",")));
+        }
         let address = args
             .advertise
             .clone()
@@ -166,7 +174,7 @@ impl TryFrom<Args> for Config {
             gpus,
             listen: args.listen,
             metrics_listen: args.metrics_listen,
-            etcd: args.etcd.into_iter().filter(|e| !e.is_empty()).collect(),
+            etcd,
             registration: RegistrationConfig {
                 address,
                 ttl: Duration::from_secs(args.lease_ttl_seconds),
@@ -177,6 +185,7 @@ impl TryFrom<Args> for Config {
                 engine: EngineCommand {
                     program: args.engine_bin,
                     args: args.engine_args,
+                    env: engine_env,
                 },
                 restart: RestartPolicy {
                     max_restarts: args.max_restarts,
@@ -218,6 +227,36 @@ mod tests {
     fn args(extra: &[&str]) -> Args {
         let base = ["rackscale-agent", "--node=n1", "--engine-bin=/bin/true"];
         Args::try_parse_from(base.iter().chain(extra)).unwrap()
+    }
+
+    #[test]
+    fn ranks_inherit_node_sku_and_registry() {
+        let config = Config::try_from(args(&[
+            "--sku=GB300",
+            "--etcd=http://127.0.0.1:1,http://127.0.0.1:2",
+        ]))
+        .unwrap();
+        let env: Vec<(&str, &str)> = config
+            .supervisor
+            .engine
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                ("RACKSCALE_NODE", "n1"),
+                ("RACKSCALE_SKU", "gb300"),
+                (
+                    "RACKSCALE_ETCD_ENDPOINTS",
+                    "http://127.0.0.1:1,http://127.0.0.1:2"
+                ),
+            ]
+        );
+        // Without a registry there is nothing to hand down.
+        let alone = Config::try_from(args(&[])).unwrap();
+        assert_eq!(alone.supervisor.engine.env.len(), 2);
     }
 
     #[test]

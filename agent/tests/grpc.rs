@@ -36,6 +36,7 @@ impl Agent {
             engine: EngineCommand {
                 program: "/bin/sh".into(),
                 args: vec!["-c".into(), script.into()],
+                env: vec![],
             },
             restart: RestartPolicy {
                 max_restarts: 3,

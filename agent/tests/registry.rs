@@ -42,6 +42,7 @@ async fn the_agent_record_follows_health_and_expires_with_the_lease() -> Result<
             engine: EngineCommand {
                 program: "/bin/true".into(),
                 args: vec![],
+                env: vec![],
             },
             restart: RestartPolicy::default(),
         },

@@ -33,6 +33,7 @@ async fn agent(name: &str) -> Agent {
         engine: EngineCommand {
             program: "/bin/sh".into(),
             args: vec!["-c".into(), "sleep 30".into()],
+            env: vec![],
         },
         restart: RestartPolicy {
             max_restarts: 1,

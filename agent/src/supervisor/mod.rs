@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 pub use policy::{Held, LaunchDecision, RestartPolicy};
-pub use process::EngineCommand;
+pub use process::{EngineCommand, env};
 
 use crate::events::{EventBus, EventKind};
 use crate::gpu::GpuTable;

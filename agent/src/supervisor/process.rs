@@ -58,6 +58,12 @@ pub mod env {
     pub const BACKEND: &str = "RACKSCALE_BACKEND";
     /// Tells the engine to stop when the agent that started it dies.
     pub const EXIT_WITH_PARENT: &str = "RACKSCALE_EXIT_WITH_PARENT";
+    /// The agent's node name.
+    pub const NODE: &str = "RACKSCALE_NODE";
+    /// The agent's GPU SKU, lower case (`gb200`, `gb300`).
+    pub const SKU: &str = "RACKSCALE_SKU";
+    /// The registry's etcd endpoints, comma-separated.
+    pub const ETCD_ENDPOINTS: &str = "RACKSCALE_ETCD_ENDPOINTS";
 }
 
 /// The engine command line every rank starts with.
@@ -67,6 +73,10 @@ pub struct EngineCommand {
     pub program: PathBuf,
     /// Arguments before the per-rank ones.
     pub args: Vec<String>,
+    /// Environment every rank inherits from its agent (its node, SKU and
+    /// registry endpoints), so engines register without extra flags.
+    /// Explicit `args` win: clap prefers a flag over its variable.
+    pub env: Vec<(String, String)>,
 }
 
 fn join<T: ToString>(items: &[T]) -> String {
@@ -81,7 +91,8 @@ fn join<T: ToString>(items: &[T]) -> String {
 /// `--name=value` per extra engine argument; everything else goes in env.
 pub fn command(engine: &EngineCommand, spec: &RankSpec) -> Command {
     let mut cmd = Command::new(&engine.program);
-    cmd.args(&engine.args)
+    cmd.envs(engine.env.iter().map(|(k, v)| (k, v)))
+        .args(&engine.args)
         .args(
             spec.engine_args
                 .iter()
