@@ -522,3 +522,71 @@ async fn nobody_listening_is_a_connect_failure() {
     assert_eq!(report["failures"][0]["count"], 3);
     assert_eq!(report["tokens_per_s_per_user"], Value::Null);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_state_keeps_every_client_busy_through_the_window() {
+    let server = start(Script {
+        usage: true,
+        faults: false,
+    })
+    .await;
+    let args = |steady: bool| {
+        let mut a = vec![
+            "--url",
+            &server.url,
+            "--model",
+            MODEL,
+            "--isl",
+            "64",
+            "--osl",
+            "20",
+            "--concurrency",
+            "4",
+            "--requests",
+            "24",
+            "--warmup",
+            "8",
+            "--json",
+        ];
+        if steady {
+            a.push("--steady");
+        }
+        a.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let steady = args(true);
+    let report = bench_json(&steady.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert_eq!(report["config"]["window"], "steady");
+    assert_eq!(report["successful"], 24);
+    assert_eq!(report["failed"], 0);
+    // Completions between two completion instants with four clients always
+    // busy: the window holds four requests in flight throughout (Little's
+    // law), where a first-send-to-last-end window of 24 requests from 4
+    // clients shows the ramp and drain.
+    within(
+        "steady achieved concurrency",
+        &report["achieved_concurrency"],
+        3.4,
+        4.6,
+    );
+    let rate = f(&report["request_throughput_per_s"]);
+    let e2e = f(&report["e2e_ms"]["mean"]) * 1e-3;
+    assert!(
+        (rate * e2e - 4.0).abs() < 0.6,
+        "rate {rate}/s x e2e {e2e} s should be the 4 clients"
+    );
+    // The server saw every warmup and measured request, plus the ones cut
+    // off at the end (at most one per client).
+    let seen = server.seen.lock().unwrap().len();
+    assert!((32..=36).contains(&seen), "server saw {seen} requests");
+
+    // Refused where it has no meaning.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_rackscale"))
+        .args(["bench", "--url", &server.url, "--model", MODEL])
+        .args(["--request-rate", "5", "--requests", "4", "--steady"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--steady"), "{stderr}");
+}

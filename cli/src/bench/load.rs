@@ -6,13 +6,18 @@
 //! exactly `n` requests for `Stop::Requests(n)`; with `Stop::Duration` no
 //! request is sent after the deadline and those in flight are awaited
 //! (each is bounded by the per-request timeout).
+//!
+//! [`Phase::steady`] is the closed loop measured in steady state: the
+//! clients never pause between warmup and measurement and never run dry at
+//! the end, so the measured window holds exactly `concurrency` requests in
+//! flight throughout.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use tokio::sync::Semaphore;
+use anyhow::{Context, Result, bail};
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -104,6 +109,63 @@ impl Phase {
             records.extend(done.context("a benchmark client panicked")?);
         }
         Ok(records)
+    }
+
+    /// A closed loop of `concurrency` clients that sends until `warmup`
+    /// and then `measure` requests have completed, then cancels the requests
+    /// still in flight (their connections are dropped, so the server frees
+    /// them) and leaves them out.
+    ///
+    /// Returns the `measure` records that completed after the warmup ones,
+    /// and the window's start: the end of the last warmup request (the
+    /// first send when there is no warmup). Counting completions between two
+    /// completion instants measures the steady-state rate without the ramp
+    /// of `concurrency` simultaneous first sends or the drain of the last
+    /// requests, which bias a first-send-to-last-end window by about
+    /// `concurrency / measure`.
+    pub async fn steady(
+        self,
+        concurrency: u32,
+        warmup: u64,
+        measure: u64,
+    ) -> Result<(Vec<Record>, f64)> {
+        let wanted = usize::try_from(warmup + measure).context("too many requests")?;
+        let next = Arc::new(AtomicU64::new(0));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut clients = JoinSet::new();
+        for _ in 0..concurrency {
+            let (next, phase, tx) = (Arc::clone(&next), self.clone(), tx.clone());
+            clients.spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let spec = phase.workload.request(phase.first_index + i);
+                    let record = phase.target.send(&spec, phase.epoch).await;
+                    if tx.send(record).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut done = Vec::with_capacity(wanted);
+        while done.len() < wanted {
+            match rx.recv().await {
+                Some(record) => done.push(record),
+                None => bail!("every benchmark client stopped"),
+            }
+        }
+        clients.abort_all();
+        while clients.join_next().await.is_some() {}
+        done.sort_by(|a, b| a.end_s().total_cmp(&b.end_s()));
+        let measured = done.split_off(done.len() - measure as usize);
+        let start = match done.last() {
+            Some(last_warmup) => last_warmup.end_s(),
+            None => measured
+                .iter()
+                .map(|r| r.start_s)
+                .fold(f64::INFINITY, f64::min),
+        };
+        Ok((measured, start))
     }
 
     async fn open(

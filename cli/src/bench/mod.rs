@@ -68,6 +68,14 @@ pub struct BenchArgs {
     /// Requests sent first, with the same load shape, and left out of every figure.
     #[arg(long, default_value_t = 0)]
     warmup: u64,
+    /// Closed loop with --requests: measure in steady state. The clients
+    /// never pause between warmup and measurement; the window runs from the
+    /// last warmup completion to the last measured one, and the requests
+    /// still in flight then are cancelled and left out. Without it the
+    /// window runs from the first measured send to the last end
+    /// (benchmark_serving's, which includes the clients' ramp and drain).
+    #[arg(long)]
+    steady: bool,
     /// GPUs serving the endpoint (prefill + decode): per-GPU figures divide by it.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     gpus: u32,
@@ -95,6 +103,7 @@ struct Config {
     load: Load,
     stop: Stop,
     warmup: u64,
+    steady: bool,
     gpus: u32,
     timeout: Duration,
     api_key: Option<String>,
@@ -134,6 +143,11 @@ impl TryFrom<&BenchArgs> for Config {
             }
             _ => bail!("give exactly one of --requests and --duration"),
         };
+        if args.steady && !matches!((load, stop), (Load::Closed { .. }, Stop::Requests(_))) {
+            bail!(
+                "--steady measures a closed loop by request count: give --concurrency and --requests"
+            );
+        }
         Ok(Self {
             base_url,
             endpoint: args.endpoint,
@@ -147,6 +161,7 @@ impl TryFrom<&BenchArgs> for Config {
             load,
             stop,
             warmup: args.warmup,
+            steady: args.steady,
             gpus: args.gpus,
             timeout: Duration::from_secs_f64(positive_seconds("timeout", args.timeout)?),
             api_key: args.api_key.clone(),
@@ -184,6 +199,22 @@ async fn bench(config: Config) -> Result<Report> {
         first_index,
         epoch,
     };
+    if config.steady
+        && let (Load::Closed { concurrency }, Stop::Requests(n)) = (config.load, config.stop)
+    {
+        eprintln!(
+            "measuring in steady state: {} warmup then {n} requests to {}",
+            config.warmup,
+            target.url()
+        );
+        let (records, start) = phase(config.stop, 0)
+            .steady(concurrency, config.warmup, n)
+            .await?;
+        return Ok(Report {
+            config: RunConfig::new(&config, target.url(), target.model()),
+            figures: stats::aggregate_from(&records, config.gpus, Some(start)),
+        });
+    }
     if config.warmup > 0 {
         eprintln!("warmup: {} requests to {}", config.warmup, target.url());
         phase(Stop::Requests(config.warmup), 0).run().await?;

@@ -27,6 +27,9 @@ pub struct RunConfig {
     pub requests: Option<u64>,
     pub duration_limit_s: Option<f64>,
     pub warmup: u64,
+    /// `run` (first measured send to last end) or `steady` (last warmup
+    /// completion to last measured completion, load never letting up).
+    pub window: &'static str,
     pub timeout_s: f64,
 }
 
@@ -57,6 +60,7 @@ impl RunConfig {
             requests,
             duration_limit_s,
             warmup: config.warmup,
+            window: if config.steady { "steady" } else { "run" },
             timeout_s: config.timeout.as_secs_f64(),
         }
     }
@@ -90,8 +94,8 @@ pub fn render(report: &Report) -> String {
     let _ = writeln!(out, "endpoint     {}  model {}", c.url, c.model);
     let _ = writeln!(
         out,
-        "workload     ISL {} OSL {} (each 80-100%), seed {}, {load}, {} warmup",
-        c.isl, c.osl, c.seed, c.warmup
+        "workload     ISL {} OSL {} (each 80-100%), seed {}, {load}, {} warmup, {} window",
+        c.isl, c.osl, c.seed, c.warmup, c.window
     );
     let _ = writeln!(
         out,
@@ -193,6 +197,7 @@ mod tests {
                 requests: Some(2),
                 duration_limit_s: None,
                 warmup: 0,
+                window: "run",
                 timeout_s: 600.0,
             },
             figures: aggregate(&records, 1),

@@ -32,6 +32,13 @@ pub struct Record {
     pub outcome: Result<Success, Failure>,
 }
 
+impl Record {
+    /// End of the response (or the failure), seconds since the benchmark started.
+    pub fn end_s(&self) -> f64 {
+        self.start_s + self.duration_s
+    }
+}
+
 /// What a successful (streamed to `[DONE]`, with content) request measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Success {
@@ -175,12 +182,21 @@ pub struct Figures {
     pub e2e_ms: Option<Summary>,
 }
 
-/// Figures of `records` (the measured requests only) normalised by `gpus`.
+/// Figures of `records` (the measured requests only) normalised by `gpus`,
+/// over the window from the first send to the last end.
 pub fn aggregate(records: &[Record], gpus: u32) -> Figures {
-    let start = records
-        .iter()
-        .map(|r| r.start_s)
-        .fold(f64::INFINITY, f64::min);
+    aggregate_from(records, gpus, None)
+}
+
+/// Figures of `records` over the window from `window_start` (default: the
+/// first send) to the last end.
+pub fn aggregate_from(records: &[Record], gpus: u32, window_start: Option<f64>) -> Figures {
+    let start = window_start.unwrap_or_else(|| {
+        records
+            .iter()
+            .map(|r| r.start_s)
+            .fold(f64::INFINITY, f64::min)
+    });
     let end = records
         .iter()
         .map(|r| r.start_s + r.duration_s)
