@@ -153,7 +153,14 @@ pub fn run(args: PlanArgs) -> Result<()> {
             };
         std::fs::write(
             path,
-            svg::frontiers(&sweeps, best.as_ref(), &measured, &model.name, workload),
+            svg::frontiers(
+                &sweeps,
+                best.as_ref(),
+                &measured,
+                "InferenceX",
+                &model.name,
+                workload,
+            ),
         )
         .with_context(|| format!("writing {}", path.display()))?;
     }

@@ -18,11 +18,13 @@ const COLORS: [&str; 4] = ["#76b900", "#1f77b4", "#d62728", "#9467bd"];
 pub type Measured = (perfmodel::Sku, f64, f64);
 
 /// Renders the frontiers of `sweeps`, marking `best` when given and drawing
-/// `measured` points (hollow diamonds in their SKU's colour).
+/// `measured` points (hollow diamonds in their SKU's colour), labelled as
+/// measured by `measured_by` (e.g. `InferenceX`, `rackscale bench`).
 pub fn frontiers(
     sweeps: &[&Sweep],
     best: Option<&Point>,
     measured: &[Measured],
+    measured_by: &str,
     model: &str,
     wl: Workload,
 ) -> String {
@@ -136,7 +138,7 @@ pub fn frontiers(
         let (cx, cy) = (x(*user), y(*gpu));
         let _ = writeln!(
             s,
-            r#"<path d="M {cx:.1} {:.1} L {:.1} {cy:.1} L {cx:.1} {:.1} L {:.1} {cy:.1} Z" fill="white" stroke="{}" stroke-width="2"><title>{sku} measured (InferenceX): {gpu:.0} tok/s/GPU at {user:.1} tok/s/user</title></path>"#,
+            r#"<path d="M {cx:.1} {:.1} L {:.1} {cy:.1} L {cx:.1} {:.1} L {:.1} {cy:.1} Z" fill="white" stroke="{}" stroke-width="2"><title>{sku} measured ({measured_by}): {gpu:.0} tok/s/GPU at {user:.1} tok/s/user</title></path>"#,
             cy - 6.0,
             cx + 6.0,
             cy + 6.0,
@@ -148,7 +150,7 @@ pub fn frontiers(
         let ly = TOP + 20.0 + 22.0 * sweeps.len() as f64;
         let _ = writeln!(
             s,
-            r##"<path d="M {0} {1} L {2} {3} L {0} {4} L {5} {3} Z" fill="white" stroke="#555" stroke-width="2"/><text x="{6}" y="{7}">measured (InferenceX)</text>"##,
+            r##"<path d="M {0} {1} L {2} {3} L {0} {4} L {5} {3} Z" fill="white" stroke="#555" stroke-width="2"/><text x="{6}" y="{7}">measured ({8})</text>"##,
             W - RIGHT + 27.5,
             ly - 6.0,
             W - RIGHT + 33.5,
@@ -156,7 +158,8 @@ pub fn frontiers(
             ly + 6.0,
             W - RIGHT + 21.5,
             W - RIGHT + 46.0,
-            ly + 4.0
+            ly + 4.0,
+            measured_by
         );
     }
     if let Some(b) = best {

@@ -63,10 +63,10 @@ fn a_small_rack_comes_up_is_benched_and_stops_cleanly() {
             "32",
             "--concurrency",
             "4",
-            "--requests",
-            "16",
-            "--warmup",
+            "--rounds",
             "4",
+            "--warmup-rounds",
+            "1",
         ],
     );
     assert!(ok, "{text}");
@@ -123,10 +123,10 @@ fn with_kube_the_same_rack_runs_through_the_api_server() {
             "32",
             "--concurrency",
             "4",
-            "--requests",
-            "16",
-            "--warmup",
+            "--rounds",
             "4",
+            "--warmup-rounds",
+            "1",
         ],
     );
     assert!(ok, "{text}");

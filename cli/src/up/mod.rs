@@ -60,15 +60,20 @@ pub struct UpArgs {
     /// Bench output length (nominal).
     #[arg(long, default_value_t = 256)]
     osl: u32,
-    /// Bench clients per deployment (closed loop).
-    #[arg(long, default_value_t = 16)]
-    concurrency: u32,
-    /// Measured requests per deployment.
-    #[arg(long, default_value_t = 96)]
-    requests: u64,
-    /// Warm-up requests per deployment, left out of every figure.
-    #[arg(long, default_value_t = 16)]
-    warmup: u64,
+    /// Bench clients per deployment (closed loop); a comma-separated list
+    /// benches every deployment at each level.
+    #[arg(long, default_value = "16", value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
+    concurrency: Vec<u32>,
+    /// Measured requests per client at each level (the bench measures
+    /// rounds x concurrency requests in steady state).
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+    /// Warm-up requests per client, left out of every figure.
+    #[arg(long, default_value_t = 2)]
+    warmup_rounds: u64,
+    /// Also write the predicted-vs-measured table (Markdown) to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
     /// Where the frontier plot with the measured points goes.
     #[arg(long, default_value = "target/rackscale-run/measured.svg")]
     plot: PathBuf,
@@ -401,7 +406,14 @@ async fn bench_all(
     };
     let scale = f64::from(args.time_scale);
     let mut rows = Vec::new();
-    for d in deployments {
+    for (d, &concurrency) in deployments
+        .iter()
+        .flat_map(|d| args.concurrency.iter().map(move |c| (d, c)))
+    {
+        let (requests, warmup) = (
+            args.rounds * u64::from(concurrency),
+            args.warmup_rounds * u64::from(concurrency),
+        );
         let key = format!("{}/{}", str_of(&d["namespace"]), str_of(&d["name"]));
         let port = rack
             .frontends
@@ -412,10 +424,10 @@ async fn bench_all(
         let view = summary::recipe_of(d)?;
         let sku = sku_of(d)?;
         step(&format!(
-            "rackscale bench on {key}: {} requests (+{} warm-up), ISL {} / OSL {}, {} clients",
-            args.requests, args.warmup, args.isl, args.osl, args.concurrency
+            "rackscale bench on {key}: {requests} requests (+{warmup} warm-up), ISL {} / OSL {}, {concurrency} clients",
+            args.isl, args.osl
         ));
-        let out_file = logs.join(format!("bench-{}.json", str_of(&d["name"])));
+        let out_file = logs.join(format!("bench-{}-c{concurrency}.json", str_of(&d["name"])));
         let out = tokio::process::Command::new(&bins.rackscale)
             .args(["bench", "--url", &format!("http://127.0.0.1:{port}")])
             .args([
@@ -424,9 +436,9 @@ async fn bench_all(
                 "--osl",
                 &args.osl.to_string(),
             ])
-            .args(["--concurrency", &args.concurrency.to_string()])
-            .args(["--requests", &args.requests.to_string()])
-            .args(["--warmup", &args.warmup.to_string()])
+            .args(["--concurrency", &concurrency.to_string()])
+            .args(["--requests", &requests.to_string()])
+            .args(["--warmup", &warmup.to_string(), "--steady"])
             .args(["--gpus", &view.gpus.to_string(), "--json", "--out"])
             .arg(&out_file)
             .output()
@@ -440,14 +452,14 @@ async fn bench_all(
         }
         let report: Value = serde_json::from_slice(&out.stdout).context("bench JSON")?;
         let profile = str_of(&d["spec"]["model"]["profile"]);
-        let predicted = summary::predict(&profile, sku, view.recipe, workload, args.concurrency)?;
+        let predicted = summary::predict(&profile, sku, view.recipe, workload, concurrency)?;
         let measured = summary::measured(&report, scale, sku)?;
         rows.push(Row {
             deployment: key,
             sku,
             recipe: view.label,
             gpus: view.gpus,
-            concurrency: args.concurrency,
+            concurrency,
             predicted,
             measured,
             failed: report["failed"].as_u64().unwrap_or(0),
@@ -462,6 +474,14 @@ async fn bench_all(
         args.isl, args.osl, args.time_scale
     );
     print!("{}", summary::table(&rows));
+    if let Some(path) = &args.report {
+        let title = format!(
+            "ISL {} / OSL {}, time scale {}, {} measured requests per client in steady state",
+            args.isl, args.osl, args.time_scale, args.rounds
+        );
+        std::fs::write(path, summary::markdown(&title, &rows))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     plot(args, deployments, &rows)?;
     Ok(())
 }
@@ -489,7 +509,14 @@ fn plot(args: &UpArgs, deployments: &[Value], rows: &[Row]) -> Result<()> {
         .iter()
         .map(|r| (r.sku, r.measured.tok_s_user, r.measured.tok_s_gpu))
         .collect();
-    let svg = crate::svg::frontiers(&refs, None, &measured, &model.name, workload);
+    let svg = crate::svg::frontiers(
+        &refs,
+        None,
+        &measured,
+        "rackscale bench",
+        &model.name,
+        workload,
+    );
     if let Some(dir) = args.plot.parent() {
         std::fs::create_dir_all(dir)?;
     }

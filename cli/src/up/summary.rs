@@ -187,6 +187,42 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
+/// How far a measured figure may sit from perfmodel's before the
+/// orchestration counts as losing what the recipe offers.
+pub const TOLERANCE: f64 = 0.10;
+
+/// The table as Markdown, with a verdict per row: tok/s/GPU and tok/s/user
+/// within [`TOLERANCE`] of predicted.
+pub fn markdown(title: &str, rows: &[Row]) -> String {
+    let mut out = format!(
+        "{title}\n\n| deployment | recipe | GPUs | conc | tok/s/GPU pred | meas | ratio | tok/s/user pred | meas | ratio | TTFT ms pred | meas | TPOT ms pred | meas | within {:.0}% |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        TOLERANCE * 100.0
+    );
+    for r in rows {
+        let (p, m) = (&r.predicted, &r.measured);
+        let (gpu, user) = (m.tok_s_gpu / p.tok_s_gpu, m.tok_s_user / p.tok_s_user);
+        let ok = (gpu - 1.0).abs() <= TOLERANCE && (user - 1.0).abs() <= TOLERANCE && r.failed == 0;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {gpu:.2} | {:.1} | {:.1} | {user:.2} | {:.0} | {:.0} | {:.1} | {:.1} | {} |",
+            r.deployment,
+            r.recipe,
+            r.gpus,
+            r.concurrency,
+            p.tok_s_gpu,
+            m.tok_s_gpu,
+            p.tok_s_user,
+            m.tok_s_user,
+            p.ttft_ms,
+            m.ttft_ms,
+            p.tpot_ms,
+            m.tpot_ms,
+            if ok { "yes" } else { "**no**" },
+        );
+    }
+    out
+}
+
 /// The planner's own figures per deployment: at the recipe's planned
 /// concurrency and the spec's workload (the SLO it was chosen for), from
 /// `status.recipe.predicted`.
@@ -294,5 +330,24 @@ mod tests {
             failed: 0,
         }]);
         assert!(text.contains("1.00x"), "{text}");
+        let row = Row {
+            deployment: "default/x".into(),
+            sku: Sku::Gb200,
+            recipe: "r".into(),
+            gpus: 16,
+            concurrency: 8,
+            predicted: low,
+            measured: low,
+            failed: 0,
+        };
+        let slow = Row {
+            measured: Point {
+                tok_s_gpu: low.tok_s_gpu * 0.85,
+                ..low
+            },
+            ..row.clone()
+        };
+        let md = markdown("t", &[row, slow]);
+        assert!(md.contains("| yes |") && md.contains("| **no** |"), "{md}");
     }
 }
