@@ -152,32 +152,66 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// `len` bytes of KV for the handle `kv_id`, a pure function of both.
+/// Word `i` of the KV of the handle seeded `s`.
+fn kv_word(s: u64, i: u64) -> u64 {
+    mix(s ^ i)
+}
+
+/// `len` bytes of KV for the handle `kv_id`, a pure function of both: the
+/// little-endian words `mix(seed ^ i)`, the last one cut to length.
 pub fn fill_kv(kv_id: &str, len: u64) -> Vec<u8> {
     let s = seed(kv_id);
-    let mut data = Vec::with_capacity(len as usize);
+    let mut data = vec![0u8; len as usize];
+    let mut words = data.chunks_exact_mut(8);
     let mut i = 0u64;
-    while (data.len() as u64) < len {
-        let word = mix(s ^ i).to_le_bytes();
-        let take = ((len - data.len() as u64) as usize).min(8);
-        data.extend_from_slice(&word[..take]);
+    for word in &mut words {
+        word.copy_from_slice(&kv_word(s, i).to_le_bytes());
         i += 1;
     }
+    let tail = words.into_remainder();
+    let n = tail.len();
+    tail.copy_from_slice(&kv_word(s, i).to_le_bytes()[..n]);
     data
 }
 
-/// Order-sensitive checksum of KV bytes (8-byte words, position mixed in).
-pub fn checksum(data: &[u8]) -> u64 {
-    data.chunks(8).enumerate().fold(0u64, |acc, (i, chunk)| {
-        let mut word = [0u8; 8];
-        word[..chunk.len()].copy_from_slice(chunk);
-        acc.rotate_left(5) ^ u64::from_le_bytes(word).wrapping_add(i as u64)
-    })
+/// One step of the checksum over word `i`.
+fn fold_word(acc: u64, i: u64, word: u64) -> u64 {
+    acc.rotate_left(5) ^ word.wrapping_add(i)
 }
 
-/// The checksum the holder's [`fill_kv`] produces for `kv_id` and `len`.
+/// Order-sensitive checksum of KV bytes (8-byte little-endian words, the
+/// last one zero-padded, position mixed in).
+pub fn checksum(data: &[u8]) -> u64 {
+    let mut words = data.chunks_exact(8);
+    let mut acc = 0u64;
+    let mut i = 0u64;
+    for word in &mut words {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        acc = fold_word(acc, i, u64::from_le_bytes(w));
+        i += 1;
+    }
+    let tail = words.remainder();
+    if !tail.is_empty() {
+        let mut w = [0u8; 8];
+        w[..tail.len()].copy_from_slice(tail);
+        acc = fold_word(acc, i, u64::from_le_bytes(w));
+    }
+    acc
+}
+
+/// The checksum the holder's [`fill_kv`] produces for `kv_id` and `len`,
+/// computed from the words directly (no buffer).
 pub fn expected_checksum(kv_id: &str, len: u64) -> u64 {
-    checksum(&fill_kv(kv_id, len))
+    let s = seed(kv_id);
+    let (full, tail) = (len / 8, len % 8);
+    let mut acc = (0..full).fold(0u64, |acc, i| fold_word(acc, i, kv_word(s, i)));
+    if tail > 0 {
+        let mut w = kv_word(s, full).to_le_bytes();
+        w[tail as usize..].fill(0);
+        acc = fold_word(acc, full, u64::from_le_bytes(w));
+    }
+    acc
 }
 
 #[cfg(test)]
@@ -220,6 +254,13 @@ mod tests {
         let kv = fill_kv("kv-1", 1001);
         assert_eq!(kv.len(), 1001);
         assert_eq!(checksum(&kv), expected_checksum("kv-1", 1001));
+        for len in [0, 1, 7, 8, 9, 64] {
+            let kv = fill_kv("kv-3", len);
+            assert_eq!(kv.len() as u64, len);
+            assert_eq!(checksum(&kv), expected_checksum("kv-3", len), "len {len}");
+            // A prefix of a longer fill: the words do not depend on length.
+            assert_eq!(kv[..], fill_kv("kv-3", 80)[..len as usize]);
+        }
         assert_ne!(checksum(&kv), expected_checksum("kv-2", 1001));
         let mut bad = kv.clone();
         bad[500] ^= 1;

@@ -220,9 +220,15 @@ async fn prefill_then_decode_moves_real_kv_and_streams_tokens() -> anyhow::Resul
 #[tokio::test]
 async fn admission_queues_when_kv_blocks_are_exhausted() -> anyhow::Result<()> {
     let p = Worker::start(Role::Prefill, |_| {}).await?;
-    // Room for exactly one 1000 + 400 token request (22 blocks of 64); 400
-    // steps take long enough (>= 1 ms of wall time each) for `b` to arrive.
-    let d = Worker::start(Role::Decode, |c| c.kv_blocks = Some(22)).await?;
+    // Room for exactly one 1000 + 400 token request (22 blocks of 64). At a
+    // time scale of 10 a step takes about 2 ms of wall time, so `a`'s 400
+    // steps outlast `b`'s arrival by far (the engine paces steps to their
+    // modelled time exactly; timer rounding no longer stretches them).
+    let d = Worker::start(Role::Decode, |c| {
+        c.kv_blocks = Some(22);
+        c.time_scale = 10.0;
+    })
+    .await?;
     let a = prefill(&p, "a", 1000).await?;
     let b = prefill(&p, "b", 1000).await?;
     let big = prefill(&p, "big", 1200).await?;

@@ -250,9 +250,14 @@ async fn health_reflection_and_metrics_share_the_engine_port() -> Result<()> {
 
 #[tokio::test]
 async fn metrics_gauges_follow_the_scheduler() -> Result<()> {
-    // A batch of one, so a second decode has to wait for the first; 500
-    // steps take long enough (>= 1 ms of wall time each) to be observed.
-    let w = Worker::start(|c| c.max_batch = Some(1)).await?;
+    // A batch of one, so a second decode has to wait for the first; at a
+    // time scale of 10 a step takes about 2 ms of wall time, so 500 steps
+    // last long enough to be observed.
+    let w = Worker::start(|c| {
+        c.max_batch = Some(1);
+        c.time_scale = 10.0;
+    })
+    .await?;
     let a = prefill(&w, "a", 200).await?;
     let b = prefill(&w, "b", 200).await?;
 
