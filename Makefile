@@ -73,6 +73,9 @@ bench: setup
 	@echo "== a 72-GPU deployment, create -> Ready =="
 	@$(CARGO) build -q --workspace --bins
 	@target/debug/rack-ready --runs 5 --out target/bench/rack-ready.md
+	@echo "== a GB300 recipe through the real processes vs perfmodel, at two concurrency levels =="
+	@$(RACKSCALE) up --topology gb300:3x4 --specs deploy/bench --bench --concurrency 16,64 \
+		--time-scale 2 --log-dir target/bench/recipe --plot target/bench/recipe.svg --report target/bench/recipe.md
 	@echo "== router overhead: rackscale frontend vs vllm-router =="
 	@scripts/bench-router.sh target/bench/router.md
 	@echo "reports in target/bench/"
