@@ -27,6 +27,9 @@ pub struct Etcd {
     process: ManagedProcess,
     endpoint: String,
     name: String,
+    /// How it was started, for [`Etcd::restart`].
+    binary: std::path::PathBuf,
+    args: Vec<String>,
     workdir: Workdir,
 }
 
@@ -61,6 +64,8 @@ impl Etcd {
                 process,
                 endpoint,
                 name,
+                binary: binary.to_path_buf(),
+                args,
                 workdir,
             }),
             Err(StartFailure::PortTaken) => Err(StartFailure::PortTaken),
@@ -72,6 +77,31 @@ impl Etcd {
                 ))))
             }
         }
+    }
+
+    /// Kills etcd with SIGKILL (a crash) and starts it again on the same
+    /// ports and data, waiting until it serves; returns how long it was
+    /// down. Leases survive in the data (etcd renews their TTL on start).
+    pub async fn restart(&mut self, down_for: Duration) -> Result<Duration> {
+        let start = std::time::Instant::now();
+        self.process.kill()?;
+        tokio::time::sleep(down_for).await;
+        // The log of the second life goes to its own file.
+        self.process = ManagedProcess::spawn(
+            "etcd-restarted",
+            &self.binary,
+            &self.args,
+            self.workdir.path(),
+        )?;
+        wait_ready(&mut self.process, &self.endpoint, &self.name)
+            .await
+            .map_err(|e| match e {
+                StartFailure::PortTaken => {
+                    anyhow::anyhow!("etcd's port was taken while it was down")
+                }
+                StartFailure::Failed(e) => e,
+            })?;
+        Ok(start.elapsed())
     }
 
     /// The client URL, e.g. `http://127.0.0.1:40123`.
