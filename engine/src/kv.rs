@@ -208,32 +208,81 @@ pub async fn receive(
         .await
         .map_err(|s| Error::KvTransfer(s.message().to_string()))?
         .into_inner();
-    let mut data = Vec::with_capacity(handle.bytes as usize);
-    let mut last = false;
+    let mut kv = Assembler::new(handle.bytes);
     while let Some(chunk) = stream
         .message()
         .await
         .map_err(|s| Error::KvTransfer(s.message().to_string()))?
     {
-        if chunk.offset != data.len() as u64 || last {
+        kv.push(chunk.offset, &chunk.data, chunk.last)?;
+        received.inc_by(chunk.data.len() as u64);
+    }
+    kv.finish()
+}
+
+/// Most bytes preallocated for a pull up front; a larger KV grows as its
+/// chunks arrive, so a handle that claims absurd sizes cannot make the
+/// puller allocate them before a byte arrives.
+const MAX_PREALLOC: u64 = 1 << 30;
+
+/// Reassembles the chunks of one KV pull: they must be contiguous from
+/// offset 0, nothing may follow the one marked last, and the total must be
+/// exactly the `expected` bytes the handle names (checked as chunks arrive,
+/// so a holder that sends too much is cut off at once). Pure; the KV
+/// framing fuzz target drives it with arbitrary chunk sequences.
+#[derive(Debug)]
+pub struct Assembler {
+    data: Vec<u8>,
+    expected: u64,
+    last: bool,
+}
+
+impl Assembler {
+    /// An empty KV of `expected` bytes.
+    pub fn new(expected: u64) -> Self {
+        Self {
+            data: Vec::with_capacity(expected.min(MAX_PREALLOC) as usize),
+            expected,
+            last: false,
+        }
+    }
+
+    /// Appends the chunk at `offset`.
+    pub fn push(&mut self, offset: u64, bytes: &[u8], last: bool) -> Result<()> {
+        let have = self.data.len() as u64;
+        if self.last {
             return Err(Error::KvCorrupt(format!(
-                "chunk at offset {} after {} bytes",
-                chunk.offset,
-                data.len()
+                "chunk at offset {offset} after the last one"
             )));
         }
-        received.inc_by(chunk.data.len() as u64);
-        data.extend_from_slice(&chunk.data);
-        last = chunk.last;
+        if offset != have {
+            return Err(Error::KvCorrupt(format!(
+                "chunk at offset {offset} after {have} bytes"
+            )));
+        }
+        if have + bytes.len() as u64 > self.expected {
+            return Err(Error::KvCorrupt(format!(
+                "{} bytes sent for a KV of {}",
+                have + bytes.len() as u64,
+                self.expected
+            )));
+        }
+        self.data.extend_from_slice(bytes);
+        self.last = last;
+        Ok(())
     }
-    let got = data.len() as u64;
-    if !last || got != handle.bytes {
-        return Err(Error::KvCorrupt(format!(
-            "received {got} of {} bytes",
-            handle.bytes
-        )));
+
+    /// The whole KV, once the last chunk made it complete.
+    pub fn finish(self) -> Result<Vec<u8>> {
+        let got = self.data.len() as u64;
+        if !self.last || got != self.expected {
+            return Err(Error::KvCorrupt(format!(
+                "received {got} of {} bytes",
+                self.expected
+            )));
+        }
+        Ok(self.data)
     }
-    Ok(data)
 }
 
 /// Checks that `data` is the KV the holder produced for `handle` (the
@@ -298,6 +347,30 @@ mod tests {
         let out = chunks(0, 4).await;
         assert_eq!(out.len(), 1);
         assert!(out[0].last && out[0].data.is_empty() && out[0].offset == 0);
+    }
+
+    #[test]
+    fn the_assembler_takes_contiguous_chunks_of_the_expected_size_only() {
+        let mut kv = Assembler::new(10);
+        kv.push(0, &[1; 4], false).unwrap();
+        kv.push(4, &[2; 6], true).unwrap();
+        assert_eq!(kv.finish().unwrap().len(), 10);
+        // A gap, an overlap, too many bytes, anything after the last chunk,
+        // a short KV and no last mark are all corrupt.
+        let corrupt = |e: Error| assert_eq!(e.category(), "kv_corrupt", "{e}");
+        let mut kv = Assembler::new(10);
+        kv.push(0, &[1; 4], false).unwrap();
+        corrupt(kv.push(5, &[1], false).unwrap_err());
+        corrupt(kv.push(3, &[1], false).unwrap_err());
+        corrupt(kv.push(4, &[1; 7], false).unwrap_err());
+        kv.push(4, &[1; 2], true).unwrap();
+        corrupt(kv.push(6, &[1], true).unwrap_err());
+        corrupt(kv.finish().unwrap_err());
+        let mut open = Assembler::new(2);
+        open.push(0, &[1, 2], false).unwrap();
+        corrupt(open.finish().unwrap_err());
+        // A handle claiming an absurd size allocates nothing up front.
+        assert!(Assembler::new(u64::MAX).data.capacity() <= MAX_PREALLOC as usize);
     }
 
     #[tokio::test(start_paused = true)]
