@@ -171,10 +171,12 @@ helm_install() {
 prometheus_ok() { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; }
 # apt_install PKG...: Debian packages, with one 'apt-get update' per run.
 APT_UPDATED=""
+# sudo_cmd: "sudo" unless we are root already.
+sudo_cmd() { [ "$(id -u)" = 0 ] || echo sudo; }
 apt_install() {
   need apt-get "Debian's packages ($*) are needed; on another OS install them and put them on PATH"
-  local sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo"
+  local sudo
+  sudo=$(sudo_cmd)
   if [ -z "$APT_UPDATED" ]; then $sudo apt-get update && APT_UPDATED=1; fi
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "$@"
 }
@@ -183,7 +185,7 @@ prometheus_install() {
   apt_install prometheus
   # The package starts a system service where an init system runs; tests
   # start their own instances on free ports instead.
-  $sudo service prometheus stop >/dev/null 2>&1 || true
+  $(sudo_cmd) service prometheus stop >/dev/null 2>&1 || true
 }
 
 # -------------------------------------------------------------- protoc
