@@ -577,6 +577,14 @@ async fn every_request_completes_or_fails_clearly_through_every_fault() {
         o.failed, 0,
         "the data plane does not need the operator: {o:?}"
     );
+    // The new operator adopted the running workers (decode-1 among them,
+    // away from where a fresh plan would put it) instead of moving them.
+    let log = std::fs::read_to_string(rack.operator.log_path()).unwrap();
+    assert!(
+        log.contains("llm/faults: adopted 4 running worker(s)"),
+        "{log}"
+    );
+    assert!(!log.contains("stopping a rank"), "{log}");
     outcomes.push(o);
 
     // 4. kill -9 of one of two frontends: its clients see their connections

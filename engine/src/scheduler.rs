@@ -463,13 +463,18 @@ mod tests {
     use perfmodel::{Calibration, ModelProfile, Parallelism, Sku};
 
     fn scheduler(kv_blocks: u64) -> (Scheduler, Arc<SimBackend>) {
+        scheduler_at(kv_blocks, 1000.0)
+    }
+
+    /// A scheduler whose steps take their modelled time / `time_scale`.
+    fn scheduler_at(kv_blocks: u64, time_scale: f64) -> (Scheduler, Arc<SimBackend>) {
         let model = ModelProfile::builtin("deepseek-v4-pro").expect("model");
         let sim = Arc::new(SimBackend::new(
             model,
             Sku::Gb200,
             Parallelism::Ep(8),
             Calibration::fitted(),
-            1000.0,
+            time_scale,
         ));
         let budgets = Budgets {
             max_batch: 8,
@@ -514,7 +519,9 @@ mod tests {
     #[tokio::test]
     async fn refuses_what_can_never_fit_and_queues_what_cannot_fit_now() {
         // 4 blocks of 64 tokens: a 200+50 token request takes all four.
-        let (s, _) = scheduler(4);
+        // In real time (a step of some 17 ms), `a`'s 49 steps outlast the
+        // load query by far even on a busy machine.
+        let (s, _) = scheduler_at(4, 1.0);
         let err = s.decode(job("big", 300, 10)).await.expect_err("refused");
         assert_eq!(err.category(), "capacity");
         let a = s.decode(job("a", 200, 50)).await.expect("a");

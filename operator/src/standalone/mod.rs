@@ -12,6 +12,7 @@
 //! deployment is released. On shutdown every deployment is released, so
 //! agents stop every rank this operator started.
 
+pub mod adopt;
 pub mod board;
 pub mod facts;
 pub mod report;
@@ -189,6 +190,58 @@ impl Loop {
         next
     }
 
+    /// Seeds the ledger with the workers that already run for the specs
+    /// (a restarted operator's predecessor launched them), so the first
+    /// pass keeps them where they are. Best effort: what cannot be read or
+    /// does not fit is planned afresh.
+    async fn adopt(&mut self) {
+        let agents = match self.parts.registry.list_agents(self.parts.timeout).await {
+            Ok(listing) => listing.records,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list agents; adopting no running workers");
+                return;
+            }
+        };
+        let cliques = adopt::cliques(&agents);
+        let entries: Vec<SpecEntry> = self.specs.values().cloned().collect();
+        for entry in entries {
+            let key = entry.key();
+            let generation = self.generations.of(&key, &entry.spec);
+            let workers = match adopt::fetch(
+                &self.parts.registry,
+                &entry.namespace,
+                &entry.name,
+                self.parts.timeout,
+            )
+            .await
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(deployment = %key, error = %e, "cannot list its workers; planning afresh");
+                    continue;
+                }
+            };
+            let found = adopt::entries(
+                &key,
+                u64::try_from(generation).unwrap_or(0),
+                &workers,
+                &cliques,
+            );
+            if found.is_empty() {
+                continue;
+            }
+            let n = found.len();
+            match self.ledger.lock().await.replace_deployment(&key, found) {
+                Ok(()) => say(&format!(
+                    "{key}: adopted {n} running worker(s) from the registry; they stay where they run"
+                )),
+                Err(e) => {
+                    tracing::warn!(deployment = %key, error = %e, "running workers conflict; planning afresh")
+                }
+            }
+        }
+    }
+
     fn publish(&self) {
         self.parts
             .board
@@ -217,6 +270,7 @@ pub async fn run(parts: Parts, shutdown: impl Future<Output = ()>) -> Result<()>
         views: BTreeMap::new(),
         printer: Printer::default(),
     };
+    state.adopt().await;
     tokio::pin!(shutdown);
     loop {
         state.parts.health.beat();
