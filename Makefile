@@ -75,6 +75,8 @@ bench: setup
 	@target/debug/rack-ready --runs 5 --out target/bench/rack-ready.md
 	@echo "== router overhead: rackscale frontend vs vllm-router =="
 	@scripts/bench-router.sh target/bench/router.md
+	@echo "== rebalancer: 72 GB300 GPUs on a shifting trace vs static, oracle, dynamo-style =="
+	@scripts/bench-rebalance.sh target/bench/rebalance.md
 	@echo "reports in target/bench/"
 
 clean-cache:

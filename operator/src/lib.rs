@@ -20,5 +20,6 @@ pub mod pipeline;
 pub mod placement;
 pub mod planner;
 pub mod rebalance;
+pub mod simulate;
 pub mod standalone;
 pub mod telemetry;
