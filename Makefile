@@ -78,6 +78,8 @@ bench: setup
 		--time-scale 2 --log-dir target/bench/recipe --plot target/bench/recipe.svg --report target/bench/recipe.md
 	@echo "== router overhead: rackscale frontend vs vllm-router =="
 	@scripts/bench-router.sh target/bench/router.md
+	@echo "== rebalancer: 72 GB300 GPUs on a shifting trace vs static, oracle, dynamo-style =="
+	@scripts/bench-rebalance.sh target/bench/rebalance.md
 	@echo "== fuzzing: registry records, KV framing, OpenAI requests (60 s each) =="
 	@scripts/bench-fuzz.sh target/bench/fuzz.md
 	@echo "reports in target/bench/"

@@ -8,6 +8,9 @@
 //!   and writes the constants that are checked in.
 //! - `bench`: drives an OpenAI-compatible endpoint with InferenceX's workload
 //!   and reports tok/s/GPU, tok/s/user, TTFT, TPOT and failures.
+//! - `simulate`: one deployment under a load trace in a seeded
+//!   discrete-event simulation, the rebalancer against a static split, an
+//!   oracle and a Dynamo-style planner.
 //! - `up`: the whole system on one machine (etcd, one agent per simulated
 //!   tray, the standalone operator, frontends), optionally benched against
 //!   the perf model's predictions.
@@ -15,6 +18,7 @@
 mod bench;
 mod calibrate;
 mod plan;
+mod simulate;
 mod svg;
 mod up;
 
@@ -38,6 +42,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run a local rack: etcd, agents, the operator and frontends.
     Up(up::UpArgs),
+    /// Simulate a deployment under a load trace: rebalancer vs baselines.
+    Simulate(simulate::SimulateArgs),
 }
 
 fn main() {
@@ -47,6 +53,7 @@ fn main() {
         Command::Calibrate(args) => calibrate::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Up(args) => up::run(args),
+        Command::Simulate(args) => simulate::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -2,9 +2,10 @@
 //!
 //! Owns the `ModelDeployment` and `Rack` custom resources, the rack inventory
 //! built from GPU Feature Discovery labels, topology-aware placement, the
-//! planner edge over `perfmodel`, reconcile, leader election and the
-//! operator's metrics. Decision logic (placement, planning) is pure; only thin
-//! edges talk to Kubernetes.
+//! planner edge over `perfmodel`, the rebalancer's decision core and the
+//! simulator that exercises it, reconcile, leader election and the
+//! operator's metrics. Decision logic (placement, planning, rebalancing) is
+//! pure; only thin edges talk to Kubernetes.
 
 pub mod agent;
 pub mod agent_grpc;
@@ -18,5 +19,7 @@ pub mod ledger;
 pub mod pipeline;
 pub mod placement;
 pub mod planner;
+pub mod rebalance;
+pub mod simulate;
 pub mod standalone;
 pub mod telemetry;

@@ -255,6 +255,22 @@ pub struct RebalanceSpec {
     #[serde(default = "default_min_workers")]
     #[schemars(range(min = 1, max = 1000))]
     pub min_workers_per_pool: u32,
+    /// Most moves per decision; a move turns the GPUs of one worker of the
+    /// wider shape into workers of the other role (one DEP16 decode worker
+    /// <-> four TP4 prefill workers is one move).
+    #[serde(default = "default_max_moves")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_moves_per_interval: u32,
+    /// Hysteresis: a new split must serve at least this many percent more
+    /// requests within the SLO than the current one before it is wanted.
+    #[serde(default = "default_min_gain")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_gain_percent: u32,
+    /// Seconds over which a move's extra served requests must repay the
+    /// requests lost while its GPUs drain and reload weights.
+    #[serde(default = "default_payback")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub payback_seconds: u32,
 }
 
 fn default_interval() -> u32 {
@@ -266,6 +282,15 @@ fn default_window() -> u32 {
 fn default_min_workers() -> u32 {
     1
 }
+fn default_max_moves() -> u32 {
+    2
+}
+fn default_min_gain() -> u32 {
+    10
+}
+fn default_payback() -> u32 {
+    600
+}
 
 impl Default for RebalanceSpec {
     fn default() -> Self {
@@ -274,6 +299,9 @@ impl Default for RebalanceSpec {
             interval_seconds: default_interval(),
             stabilization_window_seconds: default_window(),
             min_workers_per_pool: default_min_workers(),
+            max_moves_per_interval: default_max_moves(),
+            min_gain_percent: default_min_gain(),
+            payback_seconds: default_payback(),
         }
     }
 }

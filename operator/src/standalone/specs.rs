@@ -115,6 +115,27 @@ pub fn violations(spec: &ModelDeploymentSpec) -> Vec<String> {
         1,
         1000,
     );
+    range(
+        &mut out,
+        "rebalance.maxMovesPerInterval",
+        rb.max_moves_per_interval.into(),
+        1,
+        1000,
+    );
+    range(
+        &mut out,
+        "rebalance.minGainPercent",
+        rb.min_gain_percent.into(),
+        0,
+        1000,
+    );
+    range(
+        &mut out,
+        "rebalance.paybackSeconds",
+        rb.payback_seconds.into(),
+        1,
+        86_400,
+    );
     if rb.stabilization_window_seconds < rb.interval_seconds {
         out.push(rule(16));
     }
@@ -394,6 +415,15 @@ spec:
         assert!(err("a: [").contains("not YAML"));
         let name = GOOD.replace("name: small", "name: Small_One");
         assert!(err(&name).contains("DNS subdomain"));
+        let moves = GOOD.replace(
+            "recipe: {mode: explicit",
+            "rebalance: {maxMovesPerInterval: 0}\n  recipe: {mode: explicit",
+        );
+        assert!(
+            err(&moves).contains("rebalance.maxMovesPerInterval must be between 1 and 1000"),
+            "{}",
+            err(&moves)
+        );
     }
 
     #[test]
