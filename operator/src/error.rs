@@ -80,7 +80,7 @@ impl Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Exponential backoff for transient failures of one object: 1 s doubling
-/// to 5 min.
+/// to 256 s (the 300 s ceiling is never reached).
 pub fn backoff(failures: u32) -> Duration {
     Duration::from_secs(1u64 << failures.min(8)).min(Duration::from_secs(300))
 }
