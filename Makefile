@@ -82,6 +82,7 @@ bench: setup
 	@scripts/bench-rebalance.sh target/bench/rebalance.md
 	@echo "== fuzzing: registry records, KV framing, OpenAI requests (60 s each) =="
 	@scripts/bench-fuzz.sh target/bench/fuzz.md
+	@$(CARGO) bench -q -p engine --bench cpu_backend | tee target/bench/cpu-backend.md
 	@echo "reports in target/bench/"
 
 clean-cache:

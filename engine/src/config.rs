@@ -1,6 +1,7 @@
 //! A worker's validated, typed configuration: role, model, SKU, shape, time
 //! scale and the scheduler budgets derived from the perfmodel memory fit.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use perfmodel::memory;
@@ -50,6 +51,36 @@ impl std::str::FromStr for Role {
             other => Err(Error::Config(format!(
                 "unknown role `{other}`; expected prefill, decode or both"
             ))),
+        }
+    }
+}
+
+/// Which backend computes a worker's steps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum BackendConfig {
+    /// Modelled step times, synthetic tokens and KV ([`crate::sim`]).
+    #[default]
+    Sim,
+    /// The CPU reference model ([`crate::cpu`]).
+    Cpu(CpuOptions),
+}
+
+/// Where the CPU reference backend finds its model and expert ranks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CpuOptions {
+    /// Directory with `config.json` and `model.safetensors`.
+    pub model_dir: PathBuf,
+    /// Expert-parallel peers by rank (`host:port` of ranks 1..), empty when
+    /// this process holds every expert.
+    pub ep_peers: Vec<String>,
+}
+
+impl BackendConfig {
+    /// The name used in flags and logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Sim => "sim",
+            Self::Cpu(_) => "cpu",
         }
     }
 }
@@ -106,6 +137,8 @@ pub struct EngineConfig {
     pub worker: WorkerIdent,
     /// Launch generation it runs.
     pub generation: u64,
+    /// What computes the steps.
+    pub backend: BackendConfig,
 }
 
 /// The scheduler budgets a configuration resolves to.
@@ -146,6 +179,24 @@ impl EngineConfig {
             advertise: None,
             worker: WorkerIdent::default(),
             generation: 0,
+            backend: BackendConfig::Sim,
+        }
+    }
+
+    /// Budgets of the CPU reference backend: its small model fits anywhere,
+    /// so the overrides or plain defaults (64 requests of `max_context`,
+    /// whole prompts per prefill step) apply instead of the GPU memory fit.
+    fn cpu_budgets(&self) -> Budgets {
+        let max_batch = self.max_batch.unwrap_or(64).max(1);
+        let blocks_per_request = u64::from(self.max_context.div_ceil(self.block_tokens));
+        Budgets {
+            max_batch,
+            kv_blocks: self
+                .kv_blocks
+                .unwrap_or(u64::from(max_batch) * blocks_per_request),
+            block_tokens: self.block_tokens,
+            prefill_token_budget: self.prefill_token_budget.unwrap_or(self.max_context).max(1),
+            max_waiting: self.max_waiting,
         }
     }
 
@@ -167,6 +218,9 @@ impl EngineConfig {
                 "need 0 < isl ({}) <= max context ({})",
                 self.isl, self.max_context
             )));
+        }
+        if let BackendConfig::Cpu(_) = self.backend {
+            return Ok(self.cpu_budgets());
         }
         let hw = self.sku.hardware();
         let role = if self.role == Role::Prefill {

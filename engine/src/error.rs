@@ -48,6 +48,9 @@ pub enum Error {
     /// The etcd registry refused or timed out.
     #[error("registry: {0}")]
     Registry(String),
+    /// The CPU reference backend failed (weights, tensor math, EP peers).
+    #[error("cpu backend: {0}")]
+    Backend(#[from] crate::cpu::CpuError),
 }
 
 impl Error {
@@ -68,6 +71,7 @@ impl Error {
             Error::Metrics(_) => "metrics",
             Error::Io(_) => "io",
             Error::Registry(_) => "registry",
+            Error::Backend(_) => "backend",
         }
     }
 
@@ -99,7 +103,7 @@ impl From<Error> for tonic::Status {
             Error::KvTransfer(_) | Error::Transport(_) | Error::Io(_) | Error::Registry(_) => {
                 tonic::Status::unavailable(msg)
             }
-            Error::Config(_) | Error::PerfModel(_) | Error::Metrics(_) => {
+            Error::Config(_) | Error::PerfModel(_) | Error::Metrics(_) | Error::Backend(_) => {
                 tonic::Status::internal(msg)
             }
         }

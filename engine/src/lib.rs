@@ -6,7 +6,10 @@
 //! forms its rank group in the registry ([`registration`]).
 //!
 //! - [`config`]: typed worker configuration and budgets from the memory fit.
+//! - [`backend`]: the seam between the scheduler and what computes steps.
 //! - [`sim`]: step times from perfmodel, scaled sleeps, synthetic tokens/KV.
+//! - [`cpu`]: the CPU reference backend, a small DeepSeek-style MoE
+//!   computed for real, experts optionally sharded over rank processes.
 //! - [`blocks`]: the paged KV-block pool.
 //! - [`scheduler`]: the batching actor.
 //! - [`kv`]: prefilled KV held for pulling.
@@ -20,8 +23,10 @@
 //! - [`openai`]: the OpenAI-compatible HTTP API in front of any
 //!   [`generate::Generator`], and the aggregated-mode generator of a worker.
 
+pub mod backend;
 pub mod blocks;
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod frontend;
 pub mod generate;
@@ -33,7 +38,7 @@ pub mod scheduler;
 pub mod server;
 pub mod sim;
 
-pub use config::{EngineConfig, Role, WorkerIdent};
+pub use config::{BackendConfig, CpuOptions, EngineConfig, Role, WorkerIdent};
 pub use error::{Error, Result};
 pub use metrics::EngineMetrics;
 pub use server::serve;

@@ -1,12 +1,17 @@
-//! `rackscale-engine`: one engine worker (simulated backend) serving
-//! `EngineService`, gRPC health and reflection, and `GET /metrics`, all on
-//! `--listen`, until SIGINT/SIGTERM.
+//! `rackscale-engine`: one engine worker (simulated or CPU reference
+//! backend) serving `EngineService`, gRPC health and reflection, and
+//! `GET /metrics`, all on `--listen`, until SIGINT/SIGTERM. With the CPU
+//! backend and `--world-size` above 1, ranks other than 0 serve their share
+//! of the routed experts on `--listen` instead (see `engine::cpu::ep`).
+//! `--write-cpu-model DIR` writes the CPU reference model and exits.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use engine::{EngineConfig, EngineMetrics, Role, WorkerIdent};
+use engine::{BackendConfig, CpuOptions, EngineConfig, EngineMetrics, Role, WorkerIdent};
 use perfmodel::{ModelProfile, Parallelism, Sku};
 
 /// Flags; every one also reads an environment variable.
@@ -88,6 +93,36 @@ struct Args {
     /// keys disappear.
     #[arg(long, env = "RACKSCALE_ENGINE_LEASE_TTL_SECONDS", default_value_t = 10)]
     lease_ttl_seconds: u64,
+    /// What computes the steps: `sim` (modelled) or `cpu` (the CPU
+    /// reference model; agents pass `cpu-reference`).
+    #[arg(long, env = "RACKSCALE_BACKEND", default_value = "sim")]
+    backend: String,
+    /// CPU backend: directory with `config.json` and `model.safetensors`
+    /// (agents pass the model's weights path); empty: the model generated
+    /// from --cpu-model-seed, written under the temporary directory.
+    #[arg(long, env = "RACKSCALE_MODEL_WEIGHTS", default_value = "")]
+    model_dir: String,
+    /// CPU backend: seed of the generated model.
+    #[arg(long, env = "RACKSCALE_CPU_MODEL_SEED", default_value_t = 7)]
+    cpu_model_seed: u64,
+    /// Every rank's endpoint, by rank, comma-separated (agents pass it).
+    /// CPU backend: rank 0 dispatches routed experts to ranks 1..; when
+    /// empty, it reads them from the rank records in the registry.
+    #[arg(long, env = "RACKSCALE_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Write the CPU reference model (from --cpu-model-seed) into this
+    /// directory and exit.
+    #[arg(long)]
+    write_cpu_model: Option<PathBuf>,
+}
+
+/// The backend a `--backend` value names.
+fn parse_backend(name: &str) -> anyhow::Result<bool> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "sim" | "" => Ok(false),
+        "cpu" | "cpu-reference" | "cpu_reference" => Ok(true),
+        other => anyhow::bail!("unknown backend `{other}`; expected sim or cpu"),
+    }
 }
 
 impl Args {
@@ -122,8 +157,67 @@ impl Args {
             worker: self.worker.clone(),
         };
         c.generation = self.generation;
+        if parse_backend(&self.backend)? {
+            c.backend = BackendConfig::Cpu(CpuOptions {
+                model_dir: self.cpu_model_dir()?,
+                ep_peers: Vec::new(),
+            });
+        }
         c.validate()?;
         Ok(c)
+    }
+
+    fn cpu_model_dir(&self) -> anyhow::Result<PathBuf> {
+        Ok(if self.model_dir.is_empty() {
+            engine::cpu::generated_model_dir(self.cpu_model_seed)?
+        } else {
+            PathBuf::from(&self.model_dir)
+        })
+    }
+
+    /// The peers' endpoints (ranks 1..) as given, if given for every rank.
+    fn given_peers(&self) -> Option<Vec<String>> {
+        let peers: Vec<String> = self
+            .peers
+            .iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect();
+        (peers.len() == self.world_size as usize).then(|| peers[1..].to_vec())
+    }
+}
+
+/// Endpoints of ranks 1.. of this worker's generation, from their rank
+/// records in the registry (waits until every rank has registered).
+async fn peers_from_registry(
+    registry: &proto::registry::Registry,
+    args: &Args,
+) -> anyhow::Result<Vec<String>> {
+    let worker = proto::types::WorkerId::new(&args.namespace, &args.deployment, &args.worker);
+    let prefix = proto::registry::ranks_prefix(&worker);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let listing = registry
+            .list::<proto::records::RankRecord>(&prefix, Duration::from_secs(5))
+            .await?;
+        let peers: Option<Vec<String>> = (1..args.world_size)
+            .map(|r| {
+                listing
+                    .records
+                    .iter()
+                    .find(|m| m.endpoint.rank == r && m.generation == args.generation)
+                    .map(|m| m.endpoint.grpc_endpoint.clone())
+            })
+            .collect();
+        if let Some(peers) = peers {
+            return Ok(peers);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "expert ranks 1..{} of {worker} did not register in time",
+            args.world_size
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -180,7 +274,11 @@ async fn frontend(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, deployment = %format!("{}/{}", args.namespace, args.deployment), "frontend serving");
-    let tokenizer = std::sync::Arc::new(engine::openai::SimTokenizer::new(model.vocab));
+    let tokenizer: Arc<dyn engine::openai::Tokenizer> = if parse_backend(&args.backend)? {
+        Arc::new(engine::cpu::ByteTokenizer)
+    } else {
+        Arc::new(engine::openai::SimTokenizer::new(model.vocab))
+    };
     engine::frontend::serve(listener, router, tokenizer, limits, metrics, async {
         if let Err(e) = stop_signal().await {
             tracing::warn!(error = %e, "no signal handler; stopping");
@@ -196,10 +294,19 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     let args = Args::parse();
+    if let Some(dir) = &args.write_cpu_model {
+        engine::cpu::write_model(dir, args.cpu_model_seed)?;
+        println!(
+            "wrote the CPU reference model (seed {}) to {}",
+            args.cpu_model_seed,
+            dir.display()
+        );
+        return Ok(());
+    }
     if args.role == "frontend" {
         return frontend(args).await;
     }
-    let config = args.config()?;
+    let mut config = args.config()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -221,6 +328,7 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("http://{local}"));
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
+    let mut registry_client = None;
     let registration = if args.etcd_endpoints.is_empty() {
         None
     } else {
@@ -228,6 +336,7 @@ async fn main() -> anyhow::Result<()> {
         let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
             .await
             .context("connecting to the etcd registry")?;
+        registry_client = Some(registry.clone());
         let shape = match config.parallelism {
             perfmodel::Parallelism::Tp(t) => proto::types::Shape { tp: t, ep: 1 },
             perfmodel::Parallelism::Ep(e) => proto::types::Shape { tp: 1, ep: e },
@@ -273,7 +382,38 @@ async fn main() -> anyhow::Result<()> {
             },
         )))
     };
-    let served = engine::serve(config, listener, metrics, shutdown).await;
+    let served = match &mut config.backend {
+        BackendConfig::Cpu(options) if args.world_size > 1 && args.rank > 0 => {
+            // An expert rank: its shard of the routed experts, no worker.
+            let shard = engine::cpu::ExpertShard {
+                rank: args.rank as usize,
+                ranks: args.world_size as usize,
+            };
+            let weights = engine::cpu::Weights::load(&options.model_dir, shard)?;
+            let model = Arc::new(engine::cpu::Model::new(&weights, shard)?);
+            tracing::info!(
+                rank = args.rank,
+                ranks = args.world_size,
+                "serving routed experts"
+            );
+            engine::cpu::ep::serve(listener, model, shutdown)
+                .await
+                .map_err(engine::Error::from)
+        }
+        BackendConfig::Cpu(options) if args.world_size > 1 => {
+            options.ep_peers = match (args.given_peers(), &registry_client) {
+                (Some(peers), _) => peers,
+                (None, Some(registry)) => peers_from_registry(registry, &args).await?,
+                (None, None) => anyhow::bail!(
+                    "--world-size {} with the cpu backend needs --peers (every rank's endpoint) or --etcd-endpoints",
+                    args.world_size
+                ),
+            };
+            tracing::info!(peers = ?options.ep_peers, "dispatching routed experts to ranks 1..");
+            engine::serve(config, listener, metrics, shutdown).await
+        }
+        _ => engine::serve(config, listener, metrics, shutdown).await,
+    };
     let _ = stopped_tx.send(true);
     if let Some(task) = registration {
         match task.await {

@@ -4,19 +4,21 @@
 //! Each loop turn admits waiting decodes while blocks and batch slots are
 //! free, runs one prefill step (prompt chunks up to the token budget) if any
 //! prompt waits, then one decode step that advances every running request by
-//! one token. Step times come from the sim backend; the scheduler's clock is
-//! the sum of its steps, so every reported figure is modelled time.
+//! one token. Steps run on a [`Backend`] (the sim's modelled times, or the
+//! CPU model's measured ones, on a blocking thread); the scheduler's clock
+//! is the sum of its steps. It owns each request's KV cache between steps.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::backend::{Backend, DecodeSeq, KvCache, PrefillChunk, Prompt};
 use crate::blocks::BlockPool;
 use crate::config::Budgets;
 use crate::error::{Error, Result};
 use crate::metrics::EngineMetrics;
-use crate::sim::{Pacer, SimBackend};
+use crate::sim::Pacer;
 
 /// Commands buffered towards the scheduler before senders wait.
 const COMMAND_CAPACITY: usize = 1024;
@@ -44,12 +46,14 @@ pub struct TokenEvent {
 }
 
 /// A finished prefill.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PrefillDone {
     /// First generated token.
     pub first_token: u32,
     /// Modelled time from arrival to the end of its last prefill step.
     pub ttft_seconds: f64,
+    /// The prompt's KV cache.
+    pub kv: KvCache,
 }
 
 /// A worker's load, in modelled time.
@@ -80,12 +84,16 @@ pub struct DecodeJob {
     pub prompt_len: u32,
     /// Output tokens in total, counting the prefill's first token (at least 2).
     pub max_tokens: u32,
+    /// The prefill's first token (the first decode step's input).
+    pub first_token: u32,
+    /// The prompt's KV cache (pulled, or kept from a local prefill).
+    pub kv: KvCache,
 }
 
 enum Command {
     Prefill {
         request_id: String,
-        prompt_len: u32,
+        prompt: Prompt,
         reply: oneshot::Sender<Result<PrefillDone>>,
     },
     Decode {
@@ -117,10 +125,10 @@ impl std::fmt::Debug for Command {
 
 impl Scheduler {
     /// Spawns the scheduler task on the current runtime.
-    pub fn spawn(sim: Arc<SimBackend>, budgets: Budgets, metrics: EngineMetrics) -> Self {
+    pub fn spawn(backend: Arc<dyn Backend>, budgets: Budgets, metrics: EngineMetrics) -> Self {
         let (tx, rx) = mpsc::channel(COMMAND_CAPACITY);
         let state = State {
-            sim,
+            backend,
             pool: BlockPool::new(budgets.kv_blocks, budgets.block_tokens),
             budgets,
             metrics,
@@ -142,11 +150,11 @@ impl Scheduler {
     }
 
     /// Queues a prompt and waits for its prefill to finish.
-    pub async fn prefill(&self, request_id: String, prompt_len: u32) -> Result<PrefillDone> {
+    pub async fn prefill(&self, request_id: String, prompt: Prompt) -> Result<PrefillDone> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Prefill {
             request_id,
-            prompt_len,
+            prompt,
             reply,
         })
         .await?;
@@ -185,7 +193,9 @@ impl Scheduler {
 #[derive(Debug)]
 struct PendingPrefill {
     request_id: String,
+    prompt: Prompt,
     prompt_len: u32,
+    kv: KvCache,
     done: u32,
     arrival: f64,
     reply: oneshot::Sender<Result<PrefillDone>>,
@@ -198,12 +208,14 @@ struct Running {
     blocks: u64,
     /// Output tokens so far, counting the prefill's first token.
     generated: u32,
+    /// The latest output token (the next step's input).
+    last_token: u32,
     started: f64,
 }
 
 #[derive(Debug)]
 struct State {
-    sim: Arc<SimBackend>,
+    backend: Arc<dyn Backend>,
     pool: BlockPool,
     budgets: Budgets,
     metrics: EngineMetrics,
@@ -267,15 +279,29 @@ impl State {
         match cmd {
             Command::Prefill {
                 request_id,
-                prompt_len,
+                prompt,
                 reply,
-            } => self.prefills.push_back(PendingPrefill {
-                request_id,
-                prompt_len,
-                done: 0,
-                arrival: self.clock,
-                reply,
-            }),
+            } => {
+                if prompt.is_empty() {
+                    let _ = reply.send(Err(Error::InvalidRequest("empty prompt".into())));
+                    return;
+                }
+                if self.backend.needs_tokens() && matches!(prompt, Prompt::Length(_)) {
+                    let _ = reply.send(Err(Error::InvalidRequest(
+                        "this backend computes real tokens: give the prompt's token ids".into(),
+                    )));
+                    return;
+                }
+                self.prefills.push_back(PendingPrefill {
+                    request_id,
+                    prompt_len: prompt.len(),
+                    prompt,
+                    kv: KvCache::default(),
+                    done: 0,
+                    arrival: self.clock,
+                    reply,
+                })
+            }
             Command::Decode {
                 job,
                 events,
@@ -325,6 +351,7 @@ impl State {
                 break;
             };
             self.running.push(Running {
+                last_token: job.first_token,
                 job,
                 events,
                 blocks: need,
@@ -334,25 +361,79 @@ impl State {
         }
     }
 
+    /// Runs `f` on the backend: inline, or on a blocking thread when its
+    /// steps compute for real (the actor's task must not stall the runtime).
+    async fn compute<T: Send + 'static>(
+        &self,
+        mut work: Vec<T>,
+        f: fn(&dyn Backend, &mut [T]) -> Result<f64>,
+    ) -> (Vec<T>, Result<f64>) {
+        if !self.backend.blocking() {
+            let r = f(self.backend.as_ref(), &mut work);
+            return (work, r);
+        }
+        let backend = Arc::clone(&self.backend);
+        let run = tokio::task::spawn_blocking(move || {
+            let r = f(backend.as_ref(), &mut work);
+            (work, r)
+        });
+        match run.await {
+            Ok(done) => done,
+            Err(e) => (
+                Vec::new(),
+                Err(Error::Config(format!("backend step failed: {e}"))),
+            ),
+        }
+    }
+
     async fn prefill_step(&mut self) {
         let mut budget = self.budgets.prefill_token_budget;
-        let mut parts = Vec::new();
-        for p in &self.prefills {
+        let mut chunks = Vec::new();
+        for p in &mut self.prefills {
             if budget == 0 {
                 break;
             }
             let take = (p.prompt_len - p.done).min(budget);
             budget -= take;
-            parts.push((take, p.prompt_len));
+            chunks.push(PrefillChunk {
+                request_id: p.request_id.clone(),
+                tokens: match &p.prompt {
+                    Prompt::Tokens(t) => {
+                        Some(t[p.done as usize..(p.done + take) as usize].to_vec())
+                    }
+                    Prompt::Length(_) => None,
+                },
+                start: p.done,
+                len: take,
+                prompt_len: p.prompt_len,
+                kv: std::mem::take(&mut p.kv),
+                first_token: None,
+            });
         }
-        let seconds = self.sim.prefill_step_seconds(&parts);
-        self.pacer.step(self.sim.wall(seconds)).await;
+        let (chunks, result) = self.compute(chunks, |b, c| b.prefill(c)).await;
+        let seconds = match result {
+            Ok(s) => s,
+            Err(e) => {
+                // The step's prompts cannot go on: fail them, keep the rest.
+                tracing::warn!(error = %e, "prefill step failed");
+                let n = chunks.len().max(1).min(self.prefills.len());
+                for p in self.prefills.drain(..n) {
+                    let _ = p.reply.send(Err(Error::Config(e.to_string())));
+                }
+                return;
+            }
+        };
+        self.pacer.step(self.backend.wall(seconds)).await;
         self.clock += seconds;
-        let tokens: u32 = parts.iter().map(|&(t, _)| t).sum();
+        let tokens: u32 = chunks.iter().map(|c| c.len).sum();
         push_window(&mut self.prefill_steps, (tokens, seconds));
-        for (p, &(take, _)) in self.prefills.iter_mut().zip(&parts) {
-            p.done += take;
+        let mut firsts = Vec::with_capacity(chunks.len());
+        for (p, c) in self.prefills.iter_mut().zip(chunks) {
+            p.done += c.len;
+            p.kv = c.kv;
+            firsts.push(c.first_token);
         }
+        let mut i = 0;
         while self
             .prefills
             .front()
@@ -361,24 +442,56 @@ impl State {
             let Some(p) = self.prefills.pop_front() else {
                 break;
             };
+            let first = firsts.get(i).copied().flatten();
+            i += 1;
             let ttft = self.clock - p.arrival;
             push_window(&mut self.ttft, ttft);
-            let _ = p.reply.send(Ok(PrefillDone {
-                first_token: self.sim.token(&p.request_id, 0),
-                ttft_seconds: ttft,
-            }));
+            let _ = p.reply.send(match first {
+                Some(first_token) => Ok(PrefillDone {
+                    first_token,
+                    ttft_seconds: ttft,
+                    kv: p.kv,
+                }),
+                None => Err(Error::Config("the backend gave no first token".into())),
+            });
         }
     }
 
     async fn decode_step(&mut self) {
-        let contexts: Vec<u32> = self
+        let seqs: Vec<DecodeSeq> = self
             .running
-            .iter()
-            .map(|r| r.job.prompt_len + r.generated)
+            .iter_mut()
+            .map(|r| DecodeSeq {
+                request_id: r.job.request_id.clone(),
+                index: r.generated,
+                context: r.job.prompt_len + r.generated,
+                input: r.last_token,
+                kv: std::mem::take(&mut r.job.kv),
+                output: 0,
+            })
             .collect();
-        let seconds = self.sim.decode_step_seconds(&contexts);
-        self.pacer.step(self.sim.wall(seconds)).await;
+        let (seqs, result) = self.compute(seqs, |b, s| b.decode(s)).await;
+        let seconds = match result {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "decode step failed; cancelling the batch");
+                for r in self.running.drain(..) {
+                    self.pool.release(r.blocks);
+                    let _ = r.events.try_send(TokenEvent {
+                        index: r.generated,
+                        token: None,
+                        finish: Some(Finish::Cancelled),
+                    });
+                }
+                return;
+            }
+        };
+        self.pacer.step(self.backend.wall(seconds)).await;
         self.clock += seconds;
+        for (r, s) in self.running.iter_mut().zip(seqs) {
+            r.job.kv = s.kv;
+            r.last_token = s.output;
+        }
         let mut i = 0;
         while i < self.running.len() {
             let r = &mut self.running[i];
@@ -387,7 +500,7 @@ impl State {
             let done = r.generated >= r.job.max_tokens;
             let event = TokenEvent {
                 index,
-                token: Some(self.sim.token(&r.job.request_id, index)),
+                token: Some(r.last_token),
                 finish: done.then_some(Finish::Length),
             };
             // The channel has a slot per token, so only a gone reader fails.
@@ -460,6 +573,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::SimBackend;
     use perfmodel::{Calibration, ModelProfile, Parallelism, Sku};
 
     fn scheduler(kv_blocks: u64) -> (Scheduler, Arc<SimBackend>) {
@@ -484,7 +598,10 @@ mod tests {
             max_waiting: 4,
         };
         let metrics = EngineMetrics::unregistered().expect("metrics");
-        (Scheduler::spawn(Arc::clone(&sim), budgets, metrics), sim)
+        (
+            Scheduler::spawn(Arc::clone(&sim) as Arc<dyn Backend>, budgets, metrics),
+            sim,
+        )
     }
 
     fn job(id: &str, prompt_len: u32, max_tokens: u32) -> DecodeJob {
@@ -492,6 +609,8 @@ mod tests {
             request_id: id.into(),
             prompt_len,
             max_tokens,
+            first_token: 0,
+            kv: KvCache::default(),
         }
     }
 
@@ -537,7 +656,10 @@ mod tests {
     #[tokio::test]
     async fn prefill_reports_ttft_of_its_step() {
         let (s, sim) = scheduler(10);
-        let done = s.prefill("p".into(), 1000).await.expect("prefill");
+        let done = s
+            .prefill("p".into(), Prompt::Length(1000))
+            .await
+            .expect("prefill");
         let expected = sim.prefill_step_seconds(&[(1000, 1000)]);
         assert!((done.ttft_seconds - expected).abs() < 1e-9);
         assert_eq!(done.first_token, sim.token("p", 0));

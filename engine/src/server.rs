@@ -28,15 +28,16 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
 
-use crate::config::{Budgets, EngineConfig, Role};
+use crate::backend::{Backend, Prompt};
+use crate::config::{BackendConfig, Budgets, EngineConfig, Role};
 use crate::error::{Error, Result};
 use crate::generate::GenerateError;
 use crate::kv::KvStore;
 use crate::metrics::EngineMetrics;
 use crate::openai::local::{Admission, AdmissionGuard};
-use crate::openai::{self, Limits, LocalGenerator, OpenAiMetrics, SimTokenizer};
+use crate::openai::{self, Limits, LocalGenerator, OpenAiMetrics};
 use crate::scheduler::{DecodeJob, Finish, Scheduler};
-use crate::sim::{self, SimBackend};
+use crate::sim::SimBackend;
 
 /// Largest gRPC message accepted (KV chunks are at most a few MiB).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -70,7 +71,7 @@ impl Drop for InFlightGuard {
 #[derive(Debug)]
 pub struct Engine {
     config: EngineConfig,
-    sim: Arc<SimBackend>,
+    backend: Arc<dyn Backend>,
     scheduler: Scheduler,
     budgets: Budgets,
     kv: Arc<KvStore>,
@@ -86,18 +87,21 @@ impl Engine {
     /// handles advertise for `PullKv`.
     pub fn new(config: EngineConfig, endpoint: String, metrics: EngineMetrics) -> Result<Self> {
         let budgets = config.validate()?;
-        let sim = Arc::new(SimBackend::new(
-            config.model.clone(),
-            config.sku,
-            config.parallelism,
-            config.calibration,
-            config.time_scale,
-        ));
-        let scheduler = Scheduler::spawn(Arc::clone(&sim), budgets, metrics.clone());
+        let backend: Arc<dyn Backend> = match &config.backend {
+            BackendConfig::Sim => Arc::new(SimBackend::new(
+                config.model.clone(),
+                config.sku,
+                config.parallelism,
+                config.calibration,
+                config.time_scale,
+            )),
+            BackendConfig::Cpu(options) => Arc::new(crate::cpu::CpuBackend::load(options)?),
+        };
+        let scheduler = Scheduler::spawn(Arc::clone(&backend), budgets, metrics.clone());
         Ok(Self {
             kv: Arc::new(KvStore::new(config.kv_ttl)),
             config,
-            sim,
+            backend,
             scheduler,
             budgets,
             metrics,
@@ -131,32 +135,42 @@ impl Engine {
 
     async fn do_prefill(&self, req: pb::PrefillRequest) -> Result<pb::KvHandle> {
         let _guard = self.admit("Prefill", self.config.role.prefills())?;
-        let prompt_len = match req.prompt {
-            Some(pb::prefill_request::Prompt::TokenIds(t)) => t.ids.len() as u32,
-            Some(pb::prefill_request::Prompt::PromptLength(n)) => n,
-            None => 0,
+        let prompt = match req.prompt {
+            Some(pb::prefill_request::Prompt::TokenIds(t)) => Prompt::Tokens(t.ids),
+            Some(pb::prefill_request::Prompt::PromptLength(n)) => Prompt::Length(n),
+            None => Prompt::Length(0),
         };
-        if prompt_len == 0 {
+        if prompt.is_empty() {
             return Err(Error::InvalidRequest("empty prompt".into()));
         }
+        let prompt_len = prompt.len();
         let done = self
             .scheduler
-            .prefill(req.request_id.clone(), prompt_len)
+            .prefill(req.request_id.clone(), prompt)
             .await?;
         // The fixed per-request latency outside model steps (routing,
         // tokenising, KV handshake, first-token path) that perfmodel's
         // calibration carries: modelled here too, off the GPU (the scheduler
         // is free meanwhile), so measured TTFT and the decode batch match
-        // what perfmodel predicts for the same recipe.
-        self.sim
-            .sleep(self.config.calibration.request_overhead_ms * 1e-3)
-            .await;
-        let bytes = self.sim.kv_bytes(prompt_len);
+        // what perfmodel predicts for the same recipe. Zero for the CPU
+        // backend, whose every step is real.
+        let overhead = self.backend.request_overhead();
+        if !overhead.is_zero() {
+            tokio::time::sleep(overhead).await;
+        }
+        let bytes = self.backend.kv_bytes(prompt_len);
         let id = self.kv.next_id(&req.request_id);
-        let fill_id = id.clone();
-        let data = tokio::task::spawn_blocking(move || sim::fill_kv(&fill_id, bytes))
-            .await
-            .map_err(|e| Error::Config(format!("KV fill task failed: {e}")))?;
+        let (backend, export_id, cache) = (Arc::clone(&self.backend), id.clone(), done.kv);
+        let data =
+            tokio::task::spawn_blocking(move || backend.export_kv(&export_id, prompt_len, cache))
+                .await
+                .map_err(|e| Error::Config(format!("KV export task failed: {e}")))??;
+        if data.len() as u64 != bytes {
+            return Err(Error::KvCorrupt(format!(
+                "exported {} KV bytes for {prompt_len} tokens; the model accounts {bytes}",
+                data.len()
+            )));
+        }
         let expires = self.kv.insert(id.clone(), data);
         tracing::debug!(request_id = %req.request_id, kv_id = %id, bytes, ttft = done.ttft_seconds, "prefilled");
         Ok(pb::KvHandle {
@@ -170,14 +184,29 @@ impl Engine {
         })
     }
 
-    /// Pulls the KV named by `handle` and checks its size and checksum.
-    async fn pull(&self, handle: &pb::KvHandle) -> Result<u64> {
-        crate::kv::pull(
+    /// Pulls the KV named by `handle`, checks its size, and has the
+    /// backend turn it into the cache the decode continues from.
+    async fn pull(&self, handle: &pb::KvHandle) -> Result<(u64, crate::backend::KvCache)> {
+        let data = crate::kv::receive(
             handle,
             self.config.kv_chunk_bytes,
             &self.metrics.kv_received_bytes,
         )
-        .await
+        .await?;
+        let expected = self.backend.kv_bytes(handle.tokens);
+        if data.len() as u64 != expected {
+            return Err(Error::KvCorrupt(format!(
+                "{} KV bytes for {} tokens; the model accounts {expected}",
+                data.len(),
+                handle.tokens
+            )));
+        }
+        let bytes = data.len() as u64;
+        let (backend, id, tokens) = (Arc::clone(&self.backend), handle.id.clone(), handle.tokens);
+        let kv = tokio::task::spawn_blocking(move || backend.import_kv(&id, tokens, data))
+            .await
+            .map_err(|e| Error::KvTransfer(format!("KV import task failed: {e}")))??;
+        Ok((bytes, kv))
     }
 
     async fn do_decode(
@@ -203,7 +232,7 @@ impl Engine {
                 self.budgets.kv_blocks
             )));
         }
-        let bytes = self.pull(&handle).await?;
+        let (bytes, kv) = self.pull(&handle).await?;
         tracing::debug!(request_id = %req.request_id, kv_id = %handle.id, bytes, "KV pulled");
         let first = pb::DecodeChunk {
             token_ids: vec![handle.first_token],
@@ -221,6 +250,8 @@ impl Engine {
                         request_id: req.request_id.clone(),
                         prompt_len: handle.tokens,
                         max_tokens: req.max_tokens,
+                        first_token: handle.first_token,
+                        kv,
                     })
                     .await?,
             )
@@ -396,7 +427,7 @@ fn openai_api(engine: &Arc<Engine>, metrics: &EngineMetrics) -> Result<axum::Rou
         &limits,
     )
     .with_admission(Arc::clone(engine) as Arc<dyn Admission>);
-    let tokenizer = Arc::new(SimTokenizer::new(config.model.vocab));
+    let tokenizer = engine.backend.tokenizer();
     let api_metrics = OpenAiMetrics::register(metrics.registry())?;
     Ok(openai::router(
         Arc::new(generator),

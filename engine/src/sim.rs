@@ -4,10 +4,15 @@
 //! Invariant: every figure it returns is modelled time; only [`SimBackend::sleep`]
 //! converts to wall time, dividing by the time scale.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use perfmodel::steptime::StepModel;
 use perfmodel::{Calibration, ModelProfile, Parallelism, Sku};
+
+use crate::backend::{Backend, DecodeSeq, KvCache, PrefillChunk};
+use crate::error::{Error, Result};
+use crate::openai::{SimTokenizer, Tokenizer};
 
 /// A worker's simulated GPUs.
 #[derive(Debug, Clone)]
@@ -15,6 +20,8 @@ pub struct SimBackend {
     model: ModelProfile,
     step: StepModel,
     time_scale: f64,
+    /// Calibration's fixed per-request latency outside model steps.
+    request_overhead_ms: f64,
 }
 
 impl SimBackend {
@@ -27,11 +34,13 @@ impl SimBackend {
         calibration: Calibration,
         time_scale: f64,
     ) -> Self {
+        let request_overhead_ms = calibration.request_overhead_ms;
         let step = StepModel::new(&model, &sku.hardware(), parallelism, calibration);
         Self {
             model,
             step,
             time_scale,
+            request_overhead_ms,
         }
     }
 
@@ -94,6 +103,64 @@ impl SimBackend {
     pub fn token(&self, request_id: &str, position: u32) -> u32 {
         let vocab = u64::from(self.model.vocab.max(1));
         (mix(seed(request_id) ^ u64::from(position)) % vocab) as u32
+    }
+}
+
+/// The scheduler's view: modelled step times, synthetic tokens, and KV bytes
+/// synthesised on export ([`fill_kv`]) and checked on import ([`checksum`]).
+impl Backend for SimBackend {
+    fn prefill(&self, chunks: &mut [PrefillChunk]) -> Result<f64> {
+        let parts: Vec<(u32, u32)> = chunks.iter().map(|c| (c.len, c.prompt_len)).collect();
+        for c in chunks.iter_mut() {
+            if c.start + c.len >= c.prompt_len {
+                c.first_token = Some(self.token(&c.request_id, 0));
+            }
+        }
+        Ok(self.prefill_step_seconds(&parts))
+    }
+
+    fn decode(&self, seqs: &mut [DecodeSeq]) -> Result<f64> {
+        let contexts: Vec<u32> = seqs.iter().map(|s| s.context).collect();
+        for s in seqs.iter_mut() {
+            s.output = self.token(&s.request_id, s.index);
+        }
+        Ok(self.decode_step_seconds(&contexts))
+    }
+
+    fn wall(&self, seconds: f64) -> Duration {
+        SimBackend::wall(self, seconds)
+    }
+
+    fn blocking(&self) -> bool {
+        false
+    }
+
+    fn needs_tokens(&self) -> bool {
+        false
+    }
+
+    fn kv_bytes(&self, prompt_len: u32) -> u64 {
+        SimBackend::kv_bytes(self, prompt_len)
+    }
+
+    fn export_kv(&self, kv_id: &str, prompt_len: u32, _kv: KvCache) -> Result<Vec<u8>> {
+        Ok(fill_kv(kv_id, SimBackend::kv_bytes(self, prompt_len)))
+    }
+
+    fn import_kv(&self, kv_id: &str, _prompt_len: u32, data: Vec<u8>) -> Result<KvCache> {
+        if checksum(&data) == expected_checksum(kv_id, data.len() as u64) {
+            Ok(KvCache::default())
+        } else {
+            Err(Error::KvCorrupt("checksum mismatch".into()))
+        }
+    }
+
+    fn request_overhead(&self) -> Duration {
+        self.wall(self.request_overhead_ms * 1e-3)
+    }
+
+    fn tokenizer(&self) -> Arc<dyn Tokenizer> {
+        Arc::new(SimTokenizer::new(self.model.vocab))
     }
 }
 

@@ -24,6 +24,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::Limits;
+use crate::backend::{KvCache, Prompt};
 use crate::config::Budgets;
 use crate::error::Error;
 use crate::generate::{
@@ -184,7 +185,11 @@ struct Run {
     scheduler: Scheduler,
     /// The scheduler's request id (seeds the synthetic tokens).
     sched_id: String,
+    /// The prompt, until its prefill is queued.
+    prompt: Option<Vec<u32>>,
     prompt_len: u32,
+    /// The prefill's first token and cache, until the decode is queued.
+    prefilled: Option<(u32, KvCache)>,
     max_tokens: u32,
     emitted: u32,
     retry_after_s: u32,
@@ -206,13 +211,12 @@ impl Run {
             match std::mem::replace(&mut self.phase, Phase::Done) {
                 Phase::Done => return None,
                 Phase::Prefill => {
-                    let done = self
-                        .scheduler
-                        .prefill(self.sched_id.clone(), self.prompt_len)
-                        .await;
+                    let prompt = Prompt::Tokens(self.prompt.take().unwrap_or_default());
+                    let done = self.scheduler.prefill(self.sched_id.clone(), prompt).await;
                     match done {
                         Ok(done) => {
                             self.emitted = 1;
+                            self.prefilled = Some((done.first_token, done.kv));
                             self.phase = if self.max_tokens == 1 {
                                 Phase::Finish
                             } else {
@@ -224,10 +228,13 @@ impl Run {
                     }
                 }
                 Phase::StartDecode => {
+                    let (first_token, kv) = self.prefilled.take().unwrap_or_default();
                     let job = DecodeJob {
                         request_id: self.sched_id.clone(),
                         prompt_len: self.prompt_len,
                         max_tokens: self.max_tokens,
+                        first_token,
+                        kv,
                     };
                     match self.scheduler.decode(job).await {
                         Ok(rx) => self.phase = Phase::Decode(rx),
@@ -291,6 +298,8 @@ impl Generator for LocalGenerator {
                 scheduler: self.scheduler.clone(),
                 sched_id,
                 prompt_len: u32::try_from(request.prompt.len()).unwrap_or(u32::MAX),
+                prompt: Some(request.prompt),
+                prefilled: None,
                 max_tokens: request.max_tokens,
                 emitted: 0,
                 retry_after_s: self.retry_after_s,
@@ -343,7 +352,11 @@ mod tests {
             max_waiting: 16,
         };
         let metrics = EngineMetrics::unregistered().expect("metrics");
-        let scheduler = Scheduler::spawn(Arc::clone(&sim), budgets, metrics);
+        let scheduler = Scheduler::spawn(
+            Arc::clone(&sim) as Arc<dyn crate::backend::Backend>,
+            budgets,
+            metrics,
+        );
         let limits = Limits {
             max_queue,
             retry_after_s: 3,
