@@ -196,7 +196,9 @@ async fn bring_up(
     for d in &deployments {
         let (ns, name) = (str_of(&d["namespace"]), str_of(&d["name"]));
         let profile = str_of(&d["spec"]["model"]["profile"]);
-        rack.start_frontend(bins, &ns, &name, &profile, logs)?;
+        // A CPU-backend deployment's frontend tokenises bytes, as its engines do.
+        let backend = d["spec"]["engine"]["backend"].as_str().unwrap_or("sim");
+        rack.start_frontend(bins, &ns, &name, &profile, backend, logs)?;
     }
     for f in &rack.frontends {
         let port = f.port;

@@ -171,13 +171,15 @@ impl LocalRack {
         Ok(())
     }
 
-    /// A `--role frontend` engine for deployment `namespace/name`.
+    /// A `--role frontend` engine for deployment `namespace/name`, whose
+    /// engines run `backend` (`sim` or `cpu`).
     pub fn start_frontend(
         &mut self,
         bins: &Bins,
         namespace: &str,
         name: &str,
         profile: &str,
+        backend: &str,
         logs: &Path,
     ) -> Result<u16> {
         let port = free_port()?;
@@ -188,6 +190,7 @@ impl LocalRack {
             format!("--etcd-endpoints={}", self.etcd_endpoint()?),
             format!("--namespace={namespace}"),
             format!("--deployment={name}"),
+            format!("--backend={backend}"),
         ];
         let process =
             ManagedProcess::spawn(&format!("frontend-{name}"), &bins.engine, &args, logs)?;
