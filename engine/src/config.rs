@@ -200,6 +200,31 @@ impl EngineConfig {
         }
     }
 
+    /// Modelled seconds this worker needs to load its weights and start
+    /// before it serves (perfmodel's start-up cost of its shape); 0 for the
+    /// CPU reference backend, whose small model loads for real.
+    pub fn start_seconds(&self) -> f64 {
+        if let BackendConfig::Cpu(_) = self.backend {
+            return 0.0;
+        }
+        let role = if self.role == Role::Prefill {
+            perfmodel::Role::Prefill
+        } else {
+            perfmodel::Role::Decode
+        };
+        let fit = memory::fit(
+            &self.model,
+            &self.sku.hardware(),
+            WorkerShape {
+                role,
+                parallelism: self.parallelism,
+            },
+            f64::from(self.isl),
+            f64::from(self.max_context),
+        );
+        memory::start_seconds(fit.breakdown.weights)
+    }
+
     /// Checks the flags and resolves the scheduler budgets from the memory fit.
     pub fn validate(&self) -> Result<Budgets> {
         if !(self.time_scale.is_finite() && self.time_scale > 0.0) {

@@ -110,6 +110,12 @@ struct Args {
     /// empty, it reads them from the rank records in the registry.
     #[arg(long, env = "RACKSCALE_PEERS", value_delimiter = ',')]
     peers: Vec<String>,
+    /// Simulated backend: wait out the modelled weight load and engine
+    /// start-up (perfmodel's, for this shape; scaled by --time-scale) before
+    /// registering, as a real engine is unavailable while it loads. Off by
+    /// default so tests and local racks start at once.
+    #[arg(long, env = "RACKSCALE_ENGINE_MODEL_STARTUP", default_value_t = false)]
+    model_startup: bool,
     /// Write the CPU reference model (from --cpu-model-seed) into this
     /// directory and exit.
     #[arg(long)]
@@ -374,13 +380,23 @@ async fn main() -> anyhow::Result<()> {
             timeout,
         };
         let mut rx = stopped_rx.clone();
-        Some(tokio::spawn(engine::registration::run(
-            reg,
-            endpoint,
-            async move {
+        let startup = if args.model_startup {
+            let modelled = config.start_seconds();
+            tracing::info!(
+                modelled_seconds = modelled,
+                "loading weights (modelled) before registering"
+            );
+            Duration::from_secs_f64(modelled / config.time_scale)
+        } else {
+            Duration::ZERO
+        };
+        Some(tokio::spawn(async move {
+            tokio::time::sleep(startup).await;
+            engine::registration::run(reg, endpoint, async move {
                 let _ = rx.wait_for(|s| *s).await;
-            },
-        )))
+            })
+            .await
+        }))
     };
     let served = match &mut config.backend {
         BackendConfig::Cpu(options) if args.world_size > 1 && args.rank > 0 => {

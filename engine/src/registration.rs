@@ -73,8 +73,9 @@ impl Registration {
     }
 }
 
-/// The engine's own load, through its `Status` RPC.
-async fn own_load(endpoint: &str, timeout: Duration) -> Option<EngineLoad> {
+/// The engine's own load and whether it is draining, through its `Status`
+/// RPC.
+async fn own_load(endpoint: &str, timeout: Duration) -> Option<(EngineLoad, bool)> {
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .ok()?
         .timeout(timeout)
@@ -86,7 +87,8 @@ async fn own_load(endpoint: &str, timeout: Duration) -> Option<EngineLoad> {
         .await
         .ok()?
         .into_inner();
-    EngineLoad::try_from(status.load?).ok()
+    let load = EngineLoad::try_from(status.load?).ok()?;
+    Some((load, status.draining))
 }
 
 /// What the group watcher tells the leader.
@@ -184,6 +186,8 @@ pub async fn run(
     };
     let mut members: BTreeMap<u32, RankRecord> = BTreeMap::new();
     let mut published: Option<WorkerRecord> = None;
+    // Set once the engine reports it drains; a drain is never undone.
+    let mut draining = false;
     let worker_key = reg.rank.worker.clone();
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(reg.interval);
@@ -223,7 +227,10 @@ pub async fn run(
                         members.remove(&rank);
                     }
                 }
-                let formed = reg.formed(&members);
+                let mut formed = reg.formed(&members);
+                if let Some(record) = formed.as_mut().filter(|_| draining) {
+                    record.state = WorkerState::Draining;
+                }
                 if formed == published {
                     continue;
                 }
@@ -253,7 +260,17 @@ pub async fn run(
                 published = formed;
             }
             _ = tick.tick(), if published.is_some() => {
-                if let Some(load) = own_load(&own_endpoint, reg.timeout).await {
+                if let Some((load, now_draining)) = own_load(&own_endpoint, reg.timeout).await {
+                    // A draining worker says so in its record, so frontends
+                    // stop sending it work before it refuses any.
+                    draining |= now_draining;
+                    if let Some(record) = published.as_mut().filter(|r| draining && r.state == WorkerState::Ready) {
+                        record.state = WorkerState::Draining;
+                        match reg.registry.put_worker(lease, record, reg.timeout).await {
+                            Ok(_) => tracing::info!(worker = %worker, "draining; worker record marked"),
+                            Err(e) => tracing::warn!(error = %e, "marking the worker draining failed"),
+                        }
+                    }
                     let report = LoadReport { worker: worker.clone(), load, at: SystemTime::now() };
                     if let Err(e) = reg.registry.put_load(lease, &report, reg.timeout).await {
                         tracing::warn!(error = %e, "load report failed");

@@ -73,6 +73,18 @@ pub struct Load {
     pub tpot_seconds: f64,
     /// Prompt tokens per second over recent prefill steps.
     pub prefill_tokens_per_second: f64,
+    /// What this worker accepted since it started (counters).
+    pub totals: Totals,
+}
+
+/// Counters of accepted work since the scheduler started: a reader that
+/// differences two reports gets arrival rates and mean lengths.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub prefills: u64,
+    pub prompt_tokens: u64,
+    pub decodes: u64,
+    pub requested_output_tokens: u64,
 }
 
 /// A decode to schedule once its KV has arrived.
@@ -140,6 +152,7 @@ impl Scheduler {
             ttft: VecDeque::new(),
             tpot: VecDeque::new(),
             prefill_steps: VecDeque::new(),
+            totals: Totals::default(),
         };
         tokio::spawn(state.run(rx));
         Self { tx }
@@ -229,6 +242,7 @@ struct State {
     ttft: VecDeque<f64>,
     tpot: VecDeque<f64>,
     prefill_steps: VecDeque<(u32, f64)>,
+    totals: Totals,
 }
 
 fn push_window<T>(w: &mut VecDeque<T>, v: T) {
@@ -292,6 +306,8 @@ impl State {
                     )));
                     return;
                 }
+                self.totals.prefills += 1;
+                self.totals.prompt_tokens += u64::from(prompt.len());
                 self.prefills.push_back(PendingPrefill {
                     request_id,
                     prompt_len: prompt.len(),
@@ -318,6 +334,8 @@ impl State {
                 } else if self.waiting.len() >= self.budgets.max_waiting {
                     Err(Error::Capacity("decode wait queue is full".into()))
                 } else {
+                    self.totals.decodes += 1;
+                    self.totals.requested_output_tokens += u64::from(job.max_tokens);
                     self.waiting.push_back((job, events));
                     Ok(())
                 };
@@ -553,6 +571,7 @@ impl State {
             ttft_seconds: mean(&self.ttft),
             tpot_seconds: mean(&self.tpot),
             prefill_tokens_per_second: if secs > 0.0 { tokens / secs } else { 0.0 },
+            totals: self.totals,
         }
     }
 

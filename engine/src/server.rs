@@ -298,9 +298,11 @@ impl Engine {
         if !drained && !timeout.is_zero() {
             self.scheduler.cancel_all().await?;
         }
+        self.kv.purge_expired();
         Ok(pb::DrainResponse {
             drained: drained || in_flight == 0,
             in_flight,
+            kv_held: self.kv.held().0 as u32,
         })
     }
 
@@ -323,6 +325,11 @@ impl Engine {
                 ttft_seconds: load.ttft_seconds,
                 tpot_seconds: load.tpot_seconds,
                 prefill_tokens_per_second: load.prefill_tokens_per_second,
+                prefills_total: load.totals.prefills,
+                prompt_tokens_total: load.totals.prompt_tokens,
+                decodes_total: load.totals.decodes,
+                requested_output_tokens_total: load.totals.requested_output_tokens,
+                kv_held: self.kv.held().0 as u32,
             }),
             generation: self.config.generation,
         })

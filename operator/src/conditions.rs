@@ -7,6 +7,8 @@ pub const PLANNED: &str = "Planned";
 pub const PLACED: &str = "Placed";
 pub const READY: &str = "Ready";
 pub const DEGRADED: &str = "Degraded";
+/// True while the rebalancer moves workers between the pools.
+pub const REBALANCING: &str = "Rebalancing";
 
 /// Sets condition `type_` in `conditions` (adding it if missing).
 pub fn set(

@@ -22,8 +22,10 @@ use clap::{Parser, Subcommand};
 use operator::agent::PlacementOnly;
 use operator::agent_grpc::{GrpcAgents, RegistryDirectory};
 use operator::controller::{self, ControllerParts};
+use operator::engines::GrpcEngines;
 use operator::inventory::AnnotationsOnly;
 use operator::leader::{LeaderConfig, LeaderElector};
+use operator::rebalancing::{Clock, Rebalancing};
 use operator::telemetry::{Health, Metrics, TelemetryState, serve, track_leadership};
 use tokio::sync::watch;
 
@@ -95,6 +97,11 @@ struct RunArgs {
     /// Deadline of every call to etcd and to agents, in milliseconds.
     #[arg(long, env = "RACKSCALE_CALL_TIMEOUT_MS", default_value_t = 5_000)]
     call_timeout_ms: u64,
+    /// Modelled seconds per wall second of the engines (their
+    /// --time-scale): the rebalancer's interval, window and load rates are
+    /// in modelled time. 1 on real hardware.
+    #[arg(long, env = "RACKSCALE_TIME_SCALE", default_value_t = 1.0)]
+    time_scale: f64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,9 +126,35 @@ struct StandaloneArgs {
     /// Deadline of every call to etcd and to agents, in milliseconds.
     #[arg(long, env = "RACKSCALE_CALL_TIMEOUT_MS", default_value_t = 5_000)]
     call_timeout_ms: u64,
+    /// Modelled seconds per wall second of the engines (their
+    /// --time-scale): the rebalancer's interval, window and load rates are
+    /// in modelled time. 1 on real hardware.
+    #[arg(long, env = "RACKSCALE_TIME_SCALE", default_value_t = 1.0)]
+    time_scale: f64,
     /// Log as JSON lines.
     #[arg(long, env = "RACKSCALE_LOG_JSON")]
     log_json: bool,
+}
+
+fn check_time_scale(scale: f64) -> Result<()> {
+    if !(scale.is_finite() && scale > 0.0) {
+        bail!("--time-scale must be a positive number, got {scale}");
+    }
+    Ok(())
+}
+
+/// The live rebalancer over the registry's load reports and the engines'
+/// Drain.
+fn rebalancing(
+    registry: &proto::registry::Registry,
+    timeout: Duration,
+    time_scale: f64,
+) -> Arc<Rebalancing> {
+    let engines = Arc::new(GrpcEngines {
+        registry: registry.clone(),
+        timeout,
+    });
+    Arc::new(Rebalancing::new(engines, Clock::new(time_scale)))
 }
 
 async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
@@ -216,16 +249,22 @@ async fn run(args: RunArgs) -> Result<()> {
     });
 
     let timeout = Duration::from_millis(args.call_timeout_ms);
-    let agents: Arc<dyn operator::agent::AgentControl> = if args.etcd_endpoints.is_empty() {
-        tracing::warn!("no --etcd-endpoints: workers are placed but not launched");
-        Arc::new(PlacementOnly)
-    } else {
-        let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
-            .await
-            .context("connecting to the etcd registry")?;
-        let directory = Arc::new(RegistryDirectory { registry, timeout });
-        Arc::new(GrpcAgents::new(directory, timeout, Duration::from_secs(30)))
-    };
+    check_time_scale(args.time_scale)?;
+    let (agents, rebalancing): (Arc<dyn operator::agent::AgentControl>, _) =
+        if args.etcd_endpoints.is_empty() {
+            tracing::warn!("no --etcd-endpoints: workers are placed but not launched");
+            (Arc::new(PlacementOnly), None)
+        } else {
+            let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
+                .await
+                .context("connecting to the etcd registry")?;
+            let rebalancing = rebalancing(&registry, timeout, args.time_scale);
+            let directory = Arc::new(RegistryDirectory { registry, timeout });
+            (
+                Arc::new(GrpcAgents::new(directory, timeout, Duration::from_secs(30))),
+                Some(rebalancing),
+            )
+        };
     let mut config = LeaderConfig::new(&args.lease_namespace, &args.lease_name, &identity);
     config.lease_duration = Duration::from_millis(args.lease_duration_ms);
     config.renew_deadline = Duration::from_millis(args.renew_deadline_ms);
@@ -262,6 +301,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 agents,
                 health: Arc::new(AnnotationsOnly),
                 instance: identity.clone(),
+                rebalancing,
             },
             ending,
             move || ready_health.set_ready(),
@@ -301,6 +341,8 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
         .await
         .context("connecting to the etcd registry")?;
+    check_time_scale(args.time_scale)?;
+    let rebalancing = rebalancing(&registry, timeout, args.time_scale);
     let directory = Arc::new(RegistryDirectory {
         registry: registry.clone(),
         timeout,
@@ -334,6 +376,7 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
         board,
         timeout,
         resync: Duration::from_millis(args.resync_ms),
+        rebalancing: Some(rebalancing),
     };
     let result = operator::standalone::run(parts, stopped(stop_rx.clone())).await;
     server.abort();

@@ -1,6 +1,6 @@
 //! The reconcile core both operator modes run for one `ModelDeployment`:
 //! plan (when the spec changed) -> inventory -> place under the ledger lock
-//! -> launch through the agents -> status. Kubernetes mode
+//! -> launch through the agents -> status -> rebalance (when enabled). Kubernetes mode
 //! (`controller::reconcile`) wraps it in a finalizer, writes the status to
 //! the API server and publishes [`Note`]s as events; standalone mode
 //! (`standalone`) reads specs from files, prints the notes and serves the
@@ -17,16 +17,17 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 use crate::agent::{AgentControl, WorkerLaunch, WorkerReport};
-use crate::conditions::{self, DEGRADED, PLACED, PLANNED, READY};
+use crate::conditions::{self, DEGRADED, PLACED, PLANNED, READY, REBALANCING};
 use crate::crd::{
-    Backend, ModelDeploymentSpec, ModelDeploymentStatus, NodeGpus, Phase, Pool, RecipeStatus,
-    WorkerState, WorkerStatus,
+    Backend, ModelDeploymentSpec, ModelDeploymentStatus, NodeGpus, Phase, Pool, RebalanceStatus,
+    RecipeStatus, WorkerState, WorkerStatus,
 };
 use crate::error::{Error, Result};
 use crate::inventory::{self, GpuHealth, NodeFacts};
 use crate::ledger::{Ledger, LedgerEntry};
 use crate::placement::{self, DeploymentRequest, WorkerRequest};
 use crate::planner::{self, WorkerPlan};
+use crate::rebalancing::Rebalancing;
 use crate::telemetry::Metrics;
 
 /// Periodic re-check even without events.
@@ -41,6 +42,8 @@ pub struct Core<'a> {
     pub agents: &'a dyn AgentControl,
     pub health: &'a dyn GpuHealth,
     pub metrics: &'a Metrics,
+    /// The live rebalancer, where engines can be reached (registry mode).
+    pub rebalancing: Option<&'a Rebalancing>,
 }
 
 impl std::fmt::Debug for Core<'_> {
@@ -100,6 +103,9 @@ pub struct Placed {
     pub moved: Vec<String>,
     /// The `RecipeChosen` note when the recipe was (re)planned this time.
     pub planned: Option<Note>,
+    /// Workers the rebalancer is draining or relaunching in the other role:
+    /// while they are not running the deployment is not Degraded.
+    pub switching: BTreeSet<String>,
 }
 
 /// What [`decide`] concluded.
@@ -128,6 +134,28 @@ pub fn now() -> String {
     k8s_openapi::jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
+}
+
+/// The workers of a deployment whose spec is unchanged: the rebalancer's
+/// pools once it has moved a worker, else the recipe's.
+pub fn workers_for(recipe: &RecipeStatus, rebalance: Option<&RebalanceStatus>) -> Vec<WorkerPlan> {
+    let Some(r) = rebalance.filter(|r| !(r.prefill.is_empty() && r.decode.is_empty())) else {
+        return workers_of(recipe);
+    };
+    let decode_gpus = recipe.decode_ep.or(recipe.decode_tp).unwrap_or(1);
+    r.prefill
+        .iter()
+        .map(|name| WorkerPlan {
+            name: name.clone(),
+            role: Pool::Prefill,
+            gpus: recipe.prefill_tp,
+        })
+        .chain(r.decode.iter().map(|name| WorkerPlan {
+            name: name.clone(),
+            role: Pool::Decode,
+            gpus: decode_gpus,
+        }))
+        .collect()
 }
 
 /// The workers a recipe in status stands for (when the spec is unchanged).
@@ -215,9 +243,15 @@ pub async fn decide(
         || status.recipe.is_none()
         || !conditions::is_true(&status.conditions, PLANNED);
     let recorded = if replan { None } else { status.recipe.clone() };
+    if replan {
+        // A new recipe starts from its own pools; a move under way is
+        // abandoned (every worker relaunches for the new generation).
+        status.rebalance = None;
+        status.conditions.retain(|c| c.type_ != REBALANCING);
+    }
     let (recipe, workers, note) = match recorded {
         Some(recipe) => {
-            let workers = workers_of(&recipe);
+            let workers = workers_for(&recipe, status.rebalance.as_ref());
             (recipe, workers, None)
         }
         None => {
@@ -386,12 +420,19 @@ pub async fn decide(
         .iter()
         .map(|(w, why)| format!("{w}: {why}"))
         .collect();
+    let switching = status
+        .rebalance
+        .as_ref()
+        .and_then(|r| r.in_progress.as_ref())
+        .map(|m| m.draining.iter().chain(&m.launching).cloned().collect())
+        .unwrap_or_default();
     Ok(Decision::Placed(Box::new(Placed {
         status,
         recipe,
         entries,
         moved,
         planned: replan.then(|| Note::normal("RecipeChosen", planned_msg)),
+        switching,
     })))
 }
 
@@ -428,7 +469,11 @@ pub fn launches(input: &Input<'_>, placed: &Placed) -> Vec<WorkerLaunch> {
 /// report: worker states, Placed / Ready / Degraded and the phase.
 pub async fn launch(core: Core<'_>, input: &Input<'_>, placed: Placed) -> Applied {
     let reports = core.agents.ensure(&launches(input, &placed)).await;
-    observe(input, placed, reports)
+    let mut applied = observe(input, placed, reports);
+    if let Some(r) = core.rebalancing {
+        r.step(core, input, &mut applied).await;
+    }
+    applied
 }
 
 /// Pure: the status after the agents reported `reports` (one per entry).
@@ -439,6 +484,7 @@ pub fn observe(input: &Input<'_>, placed: Placed, reports: Vec<WorkerReport>) ->
         entries,
         moved,
         planned,
+        switching,
     } = placed;
     let generation = input.generation;
     let previous = input.status;
@@ -474,6 +520,7 @@ pub fn observe(input: &Input<'_>, placed: Placed, reports: Vec<WorkerReport>) ->
         .workers
         .iter()
         .filter(|w| was_running.contains(&w.name) && w.state != WorkerState::Running)
+        .filter(|w| !switching.contains(&w.name))
         .map(|w| match &w.message {
             Some(m) => format!("{}: {m}", w.name),
             None => format!("{}: {:?}", w.name, w.state),
@@ -498,17 +545,29 @@ pub fn observe(input: &Input<'_>, placed: Placed, reports: Vec<WorkerReport>) ->
         generation,
         &now,
     );
-    let ready = total > 0 && running == total;
+    // Workers changing role are expected to be down for a while.
+    let changing = status
+        .workers
+        .iter()
+        .filter(|w| switching.contains(&w.name) && w.state != WorkerState::Running)
+        .count();
+    let ready = total > 0 && running > 0 && running + changing == total;
     conditions::set(
         &mut status.conditions,
         READY,
         ready,
-        if ready {
+        if ready && changing > 0 {
+            "Rebalancing"
+        } else if ready {
             "AllWorkersRunning"
         } else {
             "WorkersNotRunning"
         },
-        format!("{running}/{total} workers running"),
+        if changing > 0 {
+            format!("{running}/{total} workers running ({changing} changing role)")
+        } else {
+            format!("{running}/{total} workers running")
+        },
         generation,
         &now,
     );
@@ -517,7 +576,7 @@ pub fn observe(input: &Input<'_>, placed: Placed, reports: Vec<WorkerReport>) ->
     let failing: Vec<String> = status
         .workers
         .iter()
-        .filter(|w| w.state != WorkerState::Running)
+        .filter(|w| w.state != WorkerState::Running && !switching.contains(&w.name))
         .filter_map(|w| w.message.as_ref().map(|m| format!("{}: {m}", w.name)))
         .collect();
     conditions::set(
@@ -587,6 +646,9 @@ pub fn observe(input: &Input<'_>, placed: Placed, reports: Vec<WorkerReport>) ->
 
 /// Stops every worker of `key` and returns its GPUs to the ledger.
 pub async fn release(core: Core<'_>, key: &str) {
+    if let Some(r) = core.rebalancing {
+        r.forget(key);
+    }
     core.agents.release(key).await;
     core.ledger.lock().await.release(key);
 }
@@ -681,6 +743,7 @@ mod tests {
                 .collect(),
             moved: vec![],
             planned: None,
+            switching: BTreeSet::new(),
         }
     }
 

@@ -25,14 +25,14 @@ pub struct Plan {
     pub note: Option<String>,
 }
 
-fn sku(name: SkuName) -> Sku {
+pub(crate) fn sku(name: SkuName) -> Sku {
     match name {
         SkuName::Gb200 => Sku::Gb200,
         SkuName::Gb300 => Sku::Gb300,
     }
 }
 
-fn slo(spec: &ModelDeploymentSpec) -> Slo {
+pub(crate) fn slo(spec: &ModelDeploymentSpec) -> Slo {
     Slo {
         min_tok_s_user: spec.slo.min_tokens_per_second_per_user,
         max_tpot_ms: spec.slo.max_tpot_ms,

@@ -26,6 +26,20 @@ pub const MIN_PREFILL_TOKENS: u32 = 2_048;
 pub const TRANSFER_STAGING_BATCHES: f64 = 2.0;
 /// Largest decode batch per rank the planner considers (scheduler limit).
 pub const MAX_DECODE_BATCH_PER_RANK: u32 = 1024;
+/// Bytes per second one GPU reads its weight shard at when an engine starts
+/// (or is relaunched in the other role): a GB200/GB300 tray's local NVMe
+/// RAID and Grace page cache deliver about 40 GB/s, shared by its 4 GPUs.
+pub const WEIGHT_LOAD_BYTES_PER_S: f64 = 10e9;
+/// Seconds an engine needs on top of loading weights before it serves:
+/// process start, NCCL / all-to-all group set-up, CUDA graph capture, warm-up.
+pub const ENGINE_START_S: f64 = 30.0;
+
+/// Seconds from launching an engine whose GPUs each hold `weights_per_gpu`
+/// bytes of weights to its serving: what a role switch leaves a worker's
+/// GPUs unavailable for.
+pub fn start_seconds(weights_per_gpu: f64) -> f64 {
+    weights_per_gpu.max(0.0) / WEIGHT_LOAD_BYTES_PER_S + ENGINE_START_S
+}
 
 /// The term of the breakdown that limits a fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

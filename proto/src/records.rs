@@ -533,6 +533,11 @@ pub mod fixtures {
                 ttft_seconds: 0.8,
                 tpot_seconds: 0.037,
                 prefill_tokens_per_second: 0.0,
+                prefills_total: 0,
+                prompt_tokens_total: 0,
+                decodes_total: 1_200,
+                requested_output_tokens_total: 1_228_800,
+                kv_held: 0,
             },
             at: UNIX_EPOCH + Duration::from_millis(1_800_000_000_123),
         }

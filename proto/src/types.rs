@@ -320,6 +320,16 @@ pub struct EngineLoad {
     pub tpot_seconds: f64,
     /// Recent prefill throughput, prompt tokens per second.
     pub prefill_tokens_per_second: f64,
+    /// Prompts accepted for prefill since start (counter).
+    pub prefills_total: u64,
+    /// Prompt tokens of those prompts (counter).
+    pub prompt_tokens_total: u64,
+    /// Decodes accepted since start (counter).
+    pub decodes_total: u64,
+    /// Output tokens those decodes asked for (counter).
+    pub requested_output_tokens_total: u64,
+    /// Prefilled KV caches waiting to be pulled.
+    pub kv_held: u32,
 }
 
 impl EngineLoad {
@@ -365,6 +375,11 @@ impl TryFrom<pb::EngineLoad> for EngineLoad {
             ttft_seconds: wire.ttft_seconds,
             tpot_seconds: wire.tpot_seconds,
             prefill_tokens_per_second: wire.prefill_tokens_per_second,
+            prefills_total: wire.prefills_total,
+            prompt_tokens_total: wire.prompt_tokens_total,
+            decodes_total: wire.decodes_total,
+            requested_output_tokens_total: wire.requested_output_tokens_total,
+            kv_held: wire.kv_held,
         })
     }
 }
@@ -379,6 +394,11 @@ impl From<EngineLoad> for pb::EngineLoad {
             ttft_seconds: load.ttft_seconds,
             tpot_seconds: load.tpot_seconds,
             prefill_tokens_per_second: load.prefill_tokens_per_second,
+            prefills_total: load.prefills_total,
+            prompt_tokens_total: load.prompt_tokens_total,
+            decodes_total: load.decodes_total,
+            requested_output_tokens_total: load.requested_output_tokens_total,
+            kv_held: load.kv_held,
         }
     }
 }

@@ -40,14 +40,20 @@ pub async fn start_cluster(
 }
 
 /// The operator in Kubernetes mode, metrics on a free port.
-pub fn start_operator(rack: &mut LocalRack, bins: &Bins, logs: &Path) -> Result<()> {
+pub fn start_operator(
+    rack: &mut LocalRack,
+    bins: &Bins,
+    time_scale: u32,
+    logs: &Path,
+) -> Result<()> {
     let cluster = rack
         .cluster
         .as_ref()
         .context("kube-apiserver is not running")?;
     let port = free_port()?;
-    let args =
+    let mut args =
         harness::fleet::operator_args(cluster.kubeconfig_path(), &rack.etcd_endpoint()?, port);
+    args.push(format!("--time-scale={time_scale}"));
     rack.operator = Some(ManagedProcess::spawn(
         "rackscale-operator",
         &bins.operator,

@@ -173,7 +173,7 @@ async fn bring_up(
         .await?;
     step(&format!("all {trays} agents registered in etcd"));
     if args.kube {
-        kube::start_operator(rack, bins, logs)?;
+        kube::start_operator(rack, bins, args.time_scale, logs)?;
         let applied = kube::apply_specs(rack, specs).await?;
         step(&format!(
             "operator (Kubernetes mode) planning and placing {} ModelDeployment(s) applied from {}",
@@ -181,7 +181,7 @@ async fn bring_up(
             args.specs.display()
         ));
     } else {
-        rack.start_operator(bins, specs, logs)?;
+        rack.start_operator(bins, specs, args.time_scale, logs)?;
         step(&format!(
             "operator (standalone) planning and placing {}",
             args.specs.display()

@@ -150,7 +150,15 @@ impl LocalRack {
     }
 
     /// The standalone operator on `specs`, serving `/status` on a free port.
-    pub fn start_operator(&mut self, bins: &Bins, specs: &Path, logs: &Path) -> Result<()> {
+    /// `time_scale` is the engines': the rebalancer times its decisions and
+    /// reads load rates in their modelled time.
+    pub fn start_operator(
+        &mut self,
+        bins: &Bins,
+        specs: &Path,
+        time_scale: u32,
+        logs: &Path,
+    ) -> Result<()> {
         let port = free_port()?;
         let args: Vec<String> = vec![
             "standalone".into(),
@@ -160,6 +168,7 @@ impl LocalRack {
             self.etcd_endpoint()?,
             "--status-addr".into(),
             format!("127.0.0.1:{port}"),
+            format!("--time-scale={time_scale}"),
         ];
         self.operator = Some(ManagedProcess::spawn(
             "rackscale-operator",

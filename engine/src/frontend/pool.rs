@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use proto::pb::engine_service_client::EngineServiceClient;
-use proto::records::{LoadReport, WorkerRecord};
+use proto::records::{LoadReport, WorkerRecord, WorkerState};
 use proto::registry::{Registry, WatchEvent};
 use proto::types::EngineLoad;
 use tonic::transport::{Channel, Endpoint};
@@ -94,6 +94,7 @@ impl Member {
             active_decodes: self.active_decodes.load(Ordering::Relaxed),
             load: *self.load.lock().unwrap_or_else(PoisonError::into_inner),
             cooling,
+            draining: self.record.state == WorkerState::Draining,
         }
     }
 }

@@ -10,7 +10,9 @@
 //!
 //! An aggregated pool (every worker of role `both`) is not split at all: each
 //! request goes whole to the least-loaded worker, preferring ones with KV
-//! room ([`pick_aggregated`], used by [`super::proxy`]).
+//! room ([`pick_aggregated`], used by [`super::proxy`]). A worker whose
+//! registry record says it is draining is never picked: it finishes what it
+//! has and then changes role or stops.
 
 use proto::types::{EngineLoad, Role};
 
@@ -30,6 +32,8 @@ pub struct Candidate {
     pub load: Option<EngineLoad>,
     /// Whether a call failed within the back-off window.
     pub cooling: bool,
+    /// The worker is draining (its record says so): it takes no new work.
+    pub draining: bool,
 }
 
 fn prefills(role: Role) -> bool {
@@ -99,7 +103,7 @@ fn pick(
         candidates
             .iter()
             .enumerate()
-            .filter(|(_, c)| eligible(c) && !exclude.contains(&c.name))
+            .filter(|(_, c)| eligible(c) && !c.draining && !exclude.contains(&c.name))
             .filter(|(_, c)| cooling_ok || !c.cooling)
             .min_by(|(_, a), (_, b)| score(a).cmp(&score(b)).then(a.name.cmp(&b.name)))
             .map(|(i, _)| i)
@@ -119,6 +123,7 @@ mod tests {
             active_decodes: 0,
             load: None,
             cooling: false,
+            draining: false,
         }
     }
 
@@ -131,6 +136,7 @@ mod tests {
             ttft_seconds: 0.0,
             tpot_seconds: 0.0,
             prefill_tokens_per_second: 0.0,
+            ..Default::default()
         })
     }
 

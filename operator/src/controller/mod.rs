@@ -30,6 +30,7 @@ use crate::crd::ModelDeployment;
 use crate::error::{Error, backoff};
 use crate::inventory::GpuHealth;
 use crate::ledger::Ledger;
+use crate::rebalancing::Rebalancing;
 use crate::telemetry::Metrics;
 
 pub use racks::sync_racks;
@@ -46,6 +47,9 @@ pub struct Context {
     pub health: Arc<dyn GpuHealth>,
     /// Whether the NVIDIA DRA driver's ComputeDomain CRD is installed.
     pub compute_domains: bool,
+    /// The live rebalancer (with the registry); `None` without engines to
+    /// reach.
+    pub rebalancing: Option<Arc<Rebalancing>>,
     /// Consecutive transient failures per object, for backoff.
     failures: std::sync::Mutex<HashMap<String, u32>>,
     /// Label warnings last reported per rack, so each change is one event.
@@ -69,6 +73,8 @@ pub struct ControllerParts {
     pub health: Arc<dyn GpuHealth>,
     /// Name written as the source of Kubernetes events.
     pub instance: String,
+    /// The live rebalancer, when engines can be reached.
+    pub rebalancing: Option<Arc<Rebalancing>>,
 }
 
 impl Context {
@@ -96,6 +102,7 @@ impl Context {
             agents: self.agents.as_ref(),
             health: self.health.as_ref(),
             metrics: &self.metrics,
+            rebalancing: self.rebalancing.as_deref(),
         }
     }
 
@@ -187,6 +194,7 @@ pub async fn run(
         agents: parts.agents,
         health: parts.health,
         compute_domains,
+        rebalancing: parts.rebalancing,
         failures: std::sync::Mutex::new(HashMap::new()),
         rack_warnings: std::sync::Mutex::new(HashMap::new()),
     });

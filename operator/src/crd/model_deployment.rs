@@ -348,9 +348,88 @@ pub struct ModelDeploymentStatus {
     /// Running workers out of planned, e.g. `3/3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<String>,
-    /// Planned, Placed, Ready, Degraded.
+    /// Planned, Placed, Ready, Degraded, Rebalancing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// What the rebalancer decided and is doing (with `rebalance.enabled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<RebalanceStatus>,
+}
+
+/// The rebalancer's state: the workers of each pool now, the move in
+/// progress, and its recent decisions with their reasons.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceStatus {
+    /// Prefill workers of the current split (names); they replace the
+    /// recipe's worker count once the rebalancer has moved a worker.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefill: Vec<String>,
+    /// Decode workers of the current split (names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decode: Vec<String>,
+    /// Workers drained and relaunched in the other role, in total.
+    #[serde(default)]
+    pub switches: u32,
+    /// The move under way, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_progress: Option<MoveStatus>,
+    /// The latest decision (a hold or a move) and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decision: Option<DecisionRecord>,
+    /// The latest moves, newest last (at most ten).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moves: Vec<DecisionRecord>,
+}
+
+/// A move between the pools, from the decision to the relaunched workers
+/// serving.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MoveStatus {
+    /// Split before the move, e.g. `4P:1D`.
+    pub from: String,
+    /// Split after it, e.g. `2P:2D`.
+    pub to: String,
+    pub phase: MovePhase,
+    /// When the move was decided (RFC 3339).
+    pub started: String,
+    /// Workers finishing their in-flight work before they stop.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<String>,
+    /// Workers launched on the drained GPUs in the other role.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub launching: Vec<String>,
+    /// Prefill workers the move launches once the drain is over.
+    #[serde(default)]
+    pub launch_prefill: u32,
+    /// Decode workers the move launches once the drain is over.
+    #[serde(default)]
+    pub launch_decode: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum MovePhase {
+    /// The leaving workers take no new work and finish what they have.
+    Draining,
+    /// The drained GPUs load weights in the other role.
+    Loading,
+}
+
+/// One rebalancing decision.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DecisionRecord {
+    /// RFC 3339.
+    pub time: String,
+    /// `hold` or `move`.
+    pub action: String,
+    /// Bounded reason: `balanced`, `stabilizing`, `rebalance`, ...
+    pub reason: String,
+    /// The reason in words, with the figures behind it.
+    pub message: String,
+    /// The split serving when it was decided.
+    pub split: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -15,7 +15,7 @@ use perfmodel::recipe::{DecodePool, erlang_c};
 use perfmodel::{Calibration, Evaluator, Hardware, ModelProfile, Sku, WorkerShape};
 use serde::Serialize;
 
-use super::{Demand, ENGINE_START_S, Shapes, SloTarget, Split, WEIGHT_LOAD_BYTES_PER_S};
+use super::{Demand, Shapes, SloTarget, Split};
 use crate::error::{Error, Result};
 
 /// Highest prefill utilization planned for, even when TTFT would allow more.
@@ -132,8 +132,7 @@ impl CapacityModel {
         } else {
             0.0
         };
-        let reload =
-            |weights_per_gpu: f64| weights_per_gpu / WEIGHT_LOAD_BYTES_PER_S + ENGINE_START_S;
+        let reload = perfmodel::memory::start_seconds;
         Pools {
             demand,
             slo: self.slo,

@@ -12,6 +12,9 @@
 //! - [`decide`]: the stateful policy (stabilization window, hysteresis, cap
 //!   on moves, minimum workers, switch cost against gain), one reason string
 //!   per decision.
+//! - [`live`]: what the live operator does around it: load reports into
+//!   observations, which workers drain, how their GPUs are cut into workers
+//!   of the other role (`crate::rebalancing` runs it against engines).
 //!
 //! Invariants: every split it proposes fits the GPU budget and keeps at least
 //! `min_workers` workers in each pool; a worker moves whole (its GPUs become
@@ -19,6 +22,7 @@
 
 pub mod capacity;
 pub mod decide;
+pub mod live;
 
 #[cfg(test)]
 mod tests;
@@ -32,13 +36,9 @@ use serde::Serialize;
 pub use capacity::{CapacityModel, Corrections, Pools};
 pub use decide::{Action, Decision, Observation, PoolLoad, Reason, Rebalancer, Settings};
 
-/// Bytes per second one GPU reads its weight shard at when a worker is
-/// relaunched in the other role: a GB200/GB300 tray's local NVMe RAID and
-/// Grace page cache deliver about 40 GB/s, shared by the tray's 4 GPUs.
-pub const WEIGHT_LOAD_BYTES_PER_S: f64 = 10e9;
-/// Seconds an engine needs on top of loading weights before it serves:
-/// process start, NCCL / all-to-all group set-up, CUDA graph capture, warm-up.
-pub const ENGINE_START_S: f64 = 30.0;
+/// Weight-load bandwidth and engine start-up cost of a relaunch, shared with
+/// the simulated engine (which waits them out before it registers).
+pub use perfmodel::memory::{ENGINE_START_S, WEIGHT_LOAD_BYTES_PER_S};
 
 /// The two worker shapes of a deployment and its GPU budget. Shapes stay
 /// fixed; the rebalancer changes only how many workers of each run.

@@ -27,10 +27,7 @@ use perfmodel::memory::{
 use perfmodel::steptime::StepModel;
 use perfmodel::{Calibration, Hardware, ModelProfile, Parallelism, Role, WorkerShape};
 
-use crate::rebalance::{
-    Demand, ENGINE_START_S, Observation, PoolLoad, Shapes, Split, Transition,
-    WEIGHT_LOAD_BYTES_PER_S,
-};
+use crate::rebalance::{Demand, Observation, PoolLoad, Shapes, Split, Transition};
 
 /// Workload-independent figures of the two worker shapes.
 #[derive(Debug, Clone)]
@@ -71,7 +68,7 @@ impl Setup {
             Parallelism::Tp(t) => (1, t),
         };
         let free = (hw.usable_hbm_bytes - dfit.breakdown.weights - RUNTIME_RESERVE_BYTES).max(0.0);
-        let reload = |w: f64| w / WEIGHT_LOAD_BYTES_PER_S + ENGINE_START_S;
+        let reload = perfmodel::memory::start_seconds;
         Self {
             prefill_step: StepModel::new(&model, &hw, pshape.parallelism, cal),
             decode_step: StepModel::new(&model, &hw, shapes.decode, cal),

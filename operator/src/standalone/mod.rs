@@ -33,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::inventory::{AnnotationsOnly, NodeFacts};
 use crate::ledger::Ledger;
 use crate::pipeline::{self, Core, Decision, Input, Note, SETTLING};
+use crate::rebalancing::Rebalancing;
 use crate::telemetry::{Health, Metrics};
 use board::{Board, DeploymentView};
 use report::Printer;
@@ -53,6 +54,8 @@ pub struct Parts {
     pub timeout: Duration,
     /// Longest wait between passes.
     pub resync: Duration,
+    /// The live rebalancer.
+    pub rebalancing: Option<Arc<Rebalancing>>,
 }
 
 /// The loop's own state.
@@ -78,6 +81,7 @@ impl Loop {
             agents: self.parts.agents.as_ref(),
             health: &AnnotationsOnly,
             metrics: &self.parts.metrics,
+            rebalancing: self.parts.rebalancing.as_deref(),
         }
     }
 

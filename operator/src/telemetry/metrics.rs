@@ -20,6 +20,11 @@ const RECONCILE_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 /// Placement latency buckets: pure computation, sub-millisecond to a second.
+/// Moves take a drain (seconds to minutes of work in flight) plus a
+/// weight reload (about a minute on real hardware).
+const MOVE_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+];
 const PLACEMENT_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
@@ -131,6 +136,9 @@ pub struct Metrics {
     gpus: IntGaugeVec,
     leader: IntGauge,
     lease_transitions: IntCounter,
+    rebalance_decisions: IntCounterVec,
+    role_switches: IntCounterVec,
+    move_duration: Histogram,
 }
 
 impl Metrics {
@@ -171,6 +179,30 @@ impl Metrics {
             names::LEASE_TRANSITIONS_TOTAL,
             "Lease hand-overs observed by this replica.",
         )?;
+        let rebalance_decisions = IntCounterVec::new(
+            Opts::new(
+                names::REBALANCE_DECISIONS_TOTAL,
+                "Rebalancing decisions, by action (hold or move) and reason.",
+            ),
+            &[names::ACTION, names::REASON],
+        )?;
+        let role_switches = IntCounterVec::new(
+            Opts::new(
+                names::ROLE_SWITCHES_TOTAL,
+                "Workers drained and relaunched in the other role, by the pool they left.",
+            ),
+            &[names::POOL],
+        )?;
+        let move_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                names::REBALANCE_MOVE_DURATION_SECONDS,
+                "Wall time of one move, from the decision to the relaunched workers serving.",
+            )
+            .buckets(MOVE_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(rebalance_decisions.clone()))?;
+        registry.register(Box::new(role_switches.clone()))?;
+        registry.register(Box::new(move_duration.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
@@ -183,6 +215,9 @@ impl Metrics {
         for result in ["success", "error"] {
             reconciles.with_label_values(&[result]);
         }
+        for pool in ["prefill", "decode"] {
+            role_switches.with_label_values(&[pool]);
+        }
         Ok(Self {
             registry,
             reconciles,
@@ -192,7 +227,27 @@ impl Metrics {
             gpus,
             leader,
             lease_transitions,
+            rebalance_decisions,
+            role_switches,
+            move_duration,
         })
+    }
+
+    /// Counts one rebalancing decision.
+    pub fn record_rebalance(&self, action: &'static str, reason: &'static str) {
+        self.rebalance_decisions
+            .with_label_values(&[action, reason])
+            .inc();
+    }
+
+    /// Counts `count` workers that left `pool` for the other one.
+    pub fn add_role_switches(&self, pool: &'static str, count: u64) {
+        self.role_switches.with_label_values(&[pool]).inc_by(count);
+    }
+
+    /// Records a finished move that took `elapsed` (wall time).
+    pub fn record_move(&self, elapsed: Duration) {
+        self.move_duration.observe(elapsed.as_secs_f64());
     }
 
     /// The registry, for components that register their own metrics.

@@ -19,6 +19,14 @@ pub const GPUS: &str = "gpus";
 pub const LEADER: &str = "leader";
 /// Counter of lease hand-overs this replica observed.
 pub const LEASE_TRANSITIONS_TOTAL: &str = "lease_transitions_total";
+/// Counter of rebalancing decisions, by [`ACTION`] and [`REASON`].
+pub const REBALANCE_DECISIONS_TOTAL: &str = "rebalance_decisions_total";
+/// Counter of workers drained and relaunched in the other role, by the
+/// [`POOL`] they left.
+pub const ROLE_SWITCHES_TOTAL: &str = "role_switches_total";
+/// Histogram of moves from decision to the relaunched workers serving, in
+/// wall seconds.
+pub const REBALANCE_MOVE_DURATION_SECONDS: &str = "rebalance_move_duration_seconds";
 
 /// Label: `success` or `error`.
 pub const RESULT: &str = "result";
@@ -28,6 +36,10 @@ pub const CATEGORY: &str = "category";
 pub const STATE: &str = "state";
 /// Label: `prefill`, `decode` or `none`.
 pub const POOL: &str = "pool";
+/// Label: `hold` or `move`.
+pub const ACTION: &str = "action";
+/// Label: a rebalancing decision's bounded reason (`balanced`, ...).
+pub const REASON: &str = "reason";
 
 /// The exported (prefixed) name of `name`, for tests and dashboards.
 pub fn full(name: &str) -> String {
