@@ -17,9 +17,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
+mod common;
+
+use std::collections::BTreeSet;
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
@@ -28,9 +29,11 @@ use harness::workdir::Workdir;
 use harness::{Etcd, Sku, Topology, wait_for};
 use proto::registry::Registry;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const RACKSCALE: &str = env!("CARGO_BIN_EXE_rackscale");
+use common::{
+    Outcome, RACKSCALE, assert_clear, check_engines, engines, http, outcome, sibling, signal,
+};
+
 const TIMEOUT: Duration = Duration::from_secs(90);
 /// Per-request deadline of the bench: a request still open then is lost.
 const REQUEST_DEADLINE_S: u64 = 30;
@@ -50,30 +53,6 @@ spec:
   slo: {maxTpotMs: 80}
   recipe: {mode: explicit, prefill: {workers: 2, tp: 4}, decode: {workers: 2, ep: 4}}
 "#;
-
-fn sibling(name: &str) -> PathBuf {
-    let bin = Path::new(RACKSCALE).with_file_name(name);
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --workspace --bins` (make test does)",
-        bin.display()
-    );
-    bin
-}
-
-/// `method path` on loopback `port`: status code and body.
-async fn http(port: u16, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    tcp.write_all(request.as_bytes()).await?;
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await?;
-    let code = raw.get(9..12).unwrap_or("0").parse()?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok((code, body.to_string()))
-}
 
 struct Agent {
     node: String,
@@ -102,18 +81,6 @@ struct Rack {
 
 /// Injects a fault and returns when it was injected.
 type Fault<'a> = Pin<Box<dyn Future<Output = Instant> + 'a>>;
-
-/// One fault's outcome.
-#[derive(Debug)]
-struct Outcome {
-    fault: &'static str,
-    completed: u64,
-    failed: u64,
-    reasons: BTreeMap<String, u64>,
-    lost: u64,
-    /// Fault to Ready and serving again; none where nothing needs recovering.
-    recovery: Option<Duration>,
-}
 
 impl Rack {
     async fn start() -> Rack {
@@ -290,90 +257,16 @@ impl Rack {
         })
     }
 
-    /// The node and pid of the live engine processes started for this test
-    /// (their command line names this test's etcd), with their GPUs.
-    fn engines(&self) -> Vec<Engine> {
-        let etcd = self.etcd.endpoint().to_string();
-        let mut out = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            let argv: Vec<&str> = cmdline.split('\0').collect();
-            // An engine rank: the engine binary (not an agent naming it in
-            // --engine-bin), of this test's registry, not a frontend.
-            if !argv[0].ends_with("rackscale-engine")
-                || !argv.iter().any(|a| a.contains(&etcd))
-                || argv.contains(&"--role=frontend")
-            {
-                continue;
-            }
-            let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-                continue;
-            };
-            let env: BTreeMap<String, String> = String::from_utf8_lossy(&environ)
-                .split('\0')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            // Fields after the command name: state, ppid, ...
-            let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-            let mut fields = after.split_whitespace();
-            if fields.next() == Some("Z") {
-                continue; // exited, not yet reaped
-            }
-            let ppid = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-            out.push(Engine {
-                pid,
-                ppid,
-                node: env.get("RACKSCALE_NODE").cloned().unwrap_or_default(),
-                worker: env.get("RACKSCALE_WORKER").cloned().unwrap_or_default(),
-                gpus: env
-                    .get("RACKSCALE_GPU_INDICES")
-                    .map(|g| g.split(',').filter_map(|i| i.parse().ok()).collect())
-                    .unwrap_or_default(),
-            });
-        }
-        out
-    }
-
     /// No GPU driven by two engines, and every engine's parent is a live
     /// agent of this test (none orphaned by a dead agent).
     async fn check_gpus_and_orphans(&mut self, fault: &str) {
         // A replaced rank may take a moment to exit after its stop.
         let agent_pids: BTreeSet<u32> = self.agents.iter().map(|a| a.process.pid()).collect();
+        let etcd = self.etcd.endpoint().to_string();
         let result = wait_for(format!("{fault}: engines consistent"), TIMEOUT, || {
-            let engines = self.engines();
+            let engines = engines(&etcd);
             let agent_pids = &agent_pids;
-            async move {
-                let mut owners: BTreeMap<(String, u32), &str> = BTreeMap::new();
-                for e in &engines {
-                    anyhow::ensure!(
-                        agent_pids.contains(&e.ppid),
-                        "engine {} ({}) has parent {}, not a live agent",
-                        e.pid,
-                        e.worker,
-                        e.ppid
-                    );
-                    for &g in &e.gpus {
-                        if let Some(other) = owners.insert((e.node.clone(), g), &e.worker) {
-                            anyhow::bail!(
-                                "GPU {g} of {} is driven by {other} and {}",
-                                e.node,
-                                e.worker
-                            );
-                        }
-                    }
-                }
-                Ok(Some(()))
-            }
+            async move { check_engines(&engines, agent_pids).map(Some) }
         })
         .await;
         result.unwrap();
@@ -402,15 +295,6 @@ impl Rack {
     }
 }
 
-#[derive(Debug)]
-struct Engine {
-    pid: u32,
-    ppid: u32,
-    node: String,
-    worker: String,
-    gpus: Vec<u32>,
-}
-
 /// The node hosting `worker` in a `/status` deployment.
 fn node_of(md: &Value, worker: &str) -> String {
     md["status"]["workers"]
@@ -422,46 +306,6 @@ fn node_of(md: &Value, worker: &str) -> String {
         .as_str()
         .unwrap()
         .to_string()
-}
-
-/// Failure reasons a client can act on: an HTTP status with an OpenAI
-/// error body, an error event in the stream, a refused connection.
-const CLEAR: [&str; 3] = ["error_event", "connect", "http_"];
-
-fn outcome(fault: &'static str, report: &Value, recovery: Option<Duration>) -> Outcome {
-    let mut reasons = BTreeMap::new();
-    for f in report["failures"].as_array().unwrap() {
-        reasons.insert(
-            f["reason"].as_str().unwrap().to_string(),
-            f["count"].as_u64().unwrap(),
-        );
-    }
-    let o = Outcome {
-        fault,
-        completed: report["successful"].as_u64().unwrap(),
-        failed: report["failed"].as_u64().unwrap(),
-        lost: reasons.get("timeout").copied().unwrap_or(0),
-        reasons,
-        recovery,
-    };
-    eprintln!("{o:?}\n  failures: {}", report["failures"]);
-    o
-}
-
-fn assert_clear(o: &Outcome, also: &[&str]) {
-    assert_eq!(
-        o.lost, 0,
-        "{}: requests hung until their deadline: {o:?}",
-        o.fault
-    );
-    for reason in o.reasons.keys() {
-        assert!(
-            CLEAR.iter().chain(also).any(|c| reason.starts_with(c)),
-            "{}: failures without a clear error ({reason}): {o:?}",
-            o.fault
-        );
-    }
-    assert!(o.completed > 0, "{}: nothing completed: {o:?}", o.fault);
 }
 
 fn table(outcomes: &[Outcome]) -> String {
@@ -494,8 +338,7 @@ async fn every_request_completes_or_fails_clearly_through_every_fault() {
     let o = rack
         .scenario("kill -9 of an engine rank (decode)", |rack| {
             Box::pin(async move {
-                let victim = rack
-                    .engines()
+                let victim = engines(rack.etcd.endpoint())
                     .into_iter()
                     .find(|e| e.worker == "decode-0")
                     .unwrap();
@@ -503,7 +346,7 @@ async fn every_request_completes_or_fails_clearly_through_every_fault() {
                 let at = Instant::now();
                 // Back when a new decode-0 rank runs.
                 wait_for("decode-0 relaunched", TIMEOUT, || {
-                    let engines = rack.engines();
+                    let engines = engines(rack.etcd.endpoint());
                     async move {
                         Ok(engines
                             .iter()
@@ -672,19 +515,9 @@ async fn every_request_completes_or_fails_clearly_through_every_fault() {
         signal("TERM", a.process.pid());
     }
     wait_for("every engine stopped", TIMEOUT, || {
-        let left = rack.engines();
+        let left = engines(rack.etcd.endpoint());
         async move { Ok(left.is_empty().then_some(())) }
     })
     .await
     .unwrap();
-}
-
-/// Sends SIGKILL or SIGTERM to `pid`.
-fn signal(name: &str, pid: u32) {
-    let ok = std::process::Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{name} {pid} failed");
 }

@@ -54,13 +54,16 @@ fn tray(i: usize) -> NodeFacts {
     }
 }
 
+/// What one `ensure` asked for: each worker's pool and GPUs.
+type Asked = BTreeMap<String, (Pool, Vec<String>)>;
+
 /// Runs every worker it is asked to; a worker it has not seen yet reports
 /// Launching once (it loads weights), then Running.
 #[derive(Default)]
 struct Agents {
     seen: Mutex<BTreeSet<String>>,
     /// Every worker each ensure asked for, by role.
-    asked: Mutex<Vec<BTreeMap<String, (Pool, Vec<String>)>>>,
+    asked: Mutex<Vec<Asked>>,
 }
 
 impl AgentControl for Agents {

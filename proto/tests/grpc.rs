@@ -102,6 +102,7 @@ impl EngineService for ScriptedEngine {
         Ok(Response::new(pb::DrainResponse {
             drained: true,
             in_flight: 0,
+            kv_held: 0,
         }))
     }
 
