@@ -58,7 +58,7 @@ async fn agent(name: &str) -> Agent {
     let (stop, stopped) = oneshot::channel::<()>();
     let served = node.clone();
     tokio::spawn(async move {
-        let _ = agent::service::serve(listener, served, async {
+        let _ = agent::service::serve(listener, served, None, async {
             let _ = stopped.await;
         })
         .await;
