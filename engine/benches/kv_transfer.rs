@@ -191,7 +191,13 @@ async fn prefill(prefill: &Worker, request_id: &str) -> Result<pb::KvHandle> {
 /// (`engine::kv::receive`: connect, `PullKv`, offsets and length checked).
 async fn pull(handle: &pb::KvHandle, chunk_bytes: u32) -> Result<Vec<u8>> {
     let received = prometheus::IntCounter::new("bench_kv_received_bytes", "KV bytes pulled")?;
-    let data = engine::kv::receive(handle, chunk_bytes, &received).await?;
+    let data = engine::kv::receive(
+        handle,
+        chunk_bytes,
+        &received,
+        &proto::tls::ClientTls::plaintext(),
+    )
+    .await?;
     ensure!(
         received.get() == handle.bytes,
         "counted {} received bytes for a {}-byte KV",

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use args::TlsArgs;
-pub use client::{BlockingClientStream, ClientIo, ClientTls};
+pub use client::{BlockingClientStream, ClientIo, ClientTls, Connector};
 pub use server::{BlockingServerStream, Incoming, ServerIo, ServerTls, incoming};
 
 /// Names of the environment variables every binary reads its TLS settings

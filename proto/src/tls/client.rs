@@ -119,7 +119,7 @@ impl ClientTls {
     /// Connects `endpoint` now through this transport.
     pub async fn channel(&self, endpoint: &Endpoint) -> Result<Channel> {
         endpoint
-            .connect_with_connector(self.connector())
+            .connect_with_connector(self.connector(Alpn::H2))
             .await
             .map_err(|e| Error::Connect {
                 endpoint: endpoint.uri().to_string(),
@@ -129,11 +129,18 @@ impl ClientTls {
 
     /// A channel that connects (and reconnects) on first use.
     pub fn channel_lazy(&self, endpoint: &Endpoint) -> Channel {
-        endpoint.connect_with_connector_lazy(self.connector())
+        endpoint.connect_with_connector_lazy(self.connector(Alpn::H2))
     }
 
-    fn connector(&self) -> Connector {
-        Connector { tls: self.clone() }
+    /// A connector (a `tower` service from `Uri` to a stream) dialling
+    /// through this transport with `alpn`: what tonic channels use (`h2`),
+    /// and what an HTTP/1.1 client (hyper's) takes for `http1`.
+    pub fn connector(&self, alpn: Alpn) -> Connector {
+        Connector {
+            tls: self.clone(),
+            alpn,
+            connect_timeout: None,
+        }
     }
 
     /// Rewrites `uri` to what tonic dials: tonic must see `http://` (the TLS
@@ -250,10 +257,22 @@ fn host_port(uri: &Uri) -> io::Result<(&str, u16)> {
     Ok((host, port))
 }
 
-/// The connector tonic channels dial through.
+/// Dials through a [`ClientTls`] for tonic or hyper (see
+/// [`ClientTls::connector`]).
 #[derive(Debug, Clone)]
-struct Connector {
+pub struct Connector {
     tls: ClientTls,
+    alpn: Alpn,
+    connect_timeout: Option<Duration>,
+}
+
+impl Connector {
+    /// Fails a connect (TCP and handshake) that takes longer than `timeout`
+    /// (tonic channels bound it themselves).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = Some(timeout);
+        self
+    }
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -266,8 +285,20 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let tls = self.tls.clone();
-        Box::pin(async move { tls.dial(&uri, Alpn::H2).await.map(TokioIo::new) })
+        let (tls, alpn, timeout) = (self.tls.clone(), self.alpn, self.connect_timeout);
+        Box::pin(async move {
+            let dial = tls.dial(&uri, alpn);
+            let io = match timeout {
+                None => dial.await?,
+                Some(t) => tokio::time::timeout(t, dial).await.map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("connecting to {uri} took over {t:?}"),
+                    )
+                })??,
+            };
+            Ok(TokioIo::new(io))
+        })
     }
 }
 
@@ -295,6 +326,13 @@ impl ClientIo {
             Self::Plain(_) => None,
             Self::Tls(s) => s.get_ref().1.alpn_protocol(),
         }
+    }
+}
+
+/// What hyper's pooled HTTP/1.1 client needs to know of a connection.
+impl hyper_util::client::legacy::connect::Connection for ClientIo {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
     }
 }
 

@@ -91,7 +91,8 @@ impl ServerTls {
 
     /// The handshake on a blocking socket (the CPU backend's expert links),
     /// completed before this returns so that a refused client is an error
-    /// here; `timeout` bounds every read and write of the connection.
+    /// here; `timeout` bounds the handshake's reads and writes (the socket
+    /// has none afterwards: an idle link waits for its next request).
     pub fn accept_blocking(
         &self,
         mut tcp: std::net::TcpStream,
@@ -103,6 +104,8 @@ impl ServerTls {
         while conn.is_handshaking() {
             conn.complete_io(&mut tcp)?;
         }
+        tcp.set_read_timeout(None)?;
+        tcp.set_write_timeout(None)?;
         Ok(BlockingServerStream::Tls(Box::new(StreamOwned::new(
             conn, tcp,
         ))))
