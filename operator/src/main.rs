@@ -25,6 +25,8 @@ use operator::controller::{self, ControllerParts};
 use operator::inventory::AnnotationsOnly;
 use operator::leader::{LeaderConfig, LeaderElector};
 use operator::telemetry::{Health, Metrics, TelemetryState, serve, track_leadership};
+use proto::registry::{EtcdArgs, Registry};
+use proto::tls::TlsArgs;
 use tokio::sync::watch;
 
 #[derive(Debug, Parser)]
@@ -95,6 +97,12 @@ struct RunArgs {
     /// Deadline of every call to etcd and to agents, in milliseconds.
     #[arg(long, env = "RACKSCALE_CALL_TIMEOUT_MS", default_value_t = 5_000)]
     call_timeout_ms: u64,
+    /// Mutual TLS of the calls to agents (and engines).
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// TLS and authentication to etcd.
+    #[command(flatten)]
+    etcd_security: EtcdArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -122,6 +130,12 @@ struct StandaloneArgs {
     /// Log as JSON lines.
     #[arg(long, env = "RACKSCALE_LOG_JSON")]
     log_json: bool,
+    /// Mutual TLS of the calls to agents (and engines).
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// TLS and authentication to etcd.
+    #[command(flatten)]
+    etcd_security: EtcdArgs,
 }
 
 async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
@@ -179,6 +193,9 @@ async fn shutdown_signal() {
 
 async fn run(args: RunArgs) -> Result<()> {
     init_tracing(args.log_json);
+    // Refuses a start without TLS files or --insecure-plaintext, and bad files.
+    let tls = args.tls.transport()?.client()?;
+    let etcd = args.etcd_security.security()?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -220,11 +237,16 @@ async fn run(args: RunArgs) -> Result<()> {
         tracing::warn!("no --etcd-endpoints: workers are placed but not launched");
         Arc::new(PlacementOnly)
     } else {
-        let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
+        let registry = Registry::connect_with(&args.etcd_endpoints, &etcd, timeout)
             .await
             .context("connecting to the etcd registry")?;
         let directory = Arc::new(RegistryDirectory { registry, timeout });
-        Arc::new(GrpcAgents::new(directory, timeout, Duration::from_secs(30)))
+        Arc::new(GrpcAgents::new(
+            directory,
+            tls,
+            timeout,
+            Duration::from_secs(30),
+        ))
     };
     let mut config = LeaderConfig::new(&args.lease_namespace, &args.lease_name, &identity);
     config.lease_duration = Duration::from_millis(args.lease_duration_ms);
@@ -291,21 +313,29 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     if args.resync_ms == 0 {
         bail!("--resync-ms must be positive");
     }
-    // Bad spec files fail before anything connects or binds.
+    // Bad spec files, missing or bad TLS settings fail before anything
+    // connects or binds.
     operator::standalone::specs::load(&args.specs)?;
+    let tls = args.tls.transport()?.client()?;
+    let etcd = args.etcd_security.security()?;
     let timeout = Duration::from_millis(args.call_timeout_ms);
     let metrics = Metrics::new().context("registering metrics")?;
     let health = Health::new(Duration::from_secs(60));
     health.set_not_ready("first reconcile pending");
     let board = operator::standalone::board::Board::default();
-    let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
+    let registry = Registry::connect_with(&args.etcd_endpoints, &etcd, timeout)
         .await
         .context("connecting to the etcd registry")?;
     let directory = Arc::new(RegistryDirectory {
         registry: registry.clone(),
         timeout,
     });
-    let agents = Arc::new(GrpcAgents::new(directory, timeout, Duration::from_secs(30)));
+    let agents = Arc::new(GrpcAgents::new(
+        directory,
+        tls,
+        timeout,
+        Duration::from_secs(30),
+    ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {

@@ -101,6 +101,7 @@ async fn a_deployment_from_a_file_becomes_ready_and_recovers_a_lost_tray() {
         engine_bin: &engine,
         time_scale: 100,
         lease_ttl_seconds: 3,
+        tls: &harness::pki::plaintext_flags(),
     };
     let agent_bin = sibling("rackscale-agent");
     let mut fleet = harness::fleet::spawn_agents(&topo, &agent_bin, &opts, dir.path()).unwrap();
@@ -122,6 +123,7 @@ async fn a_deployment_from_a_file_becomes_ready_and_recovers_a_lost_tray() {
     let port = free_port().unwrap();
     let args: Vec<String> = [
         "standalone",
+        "--insecure-plaintext",
         "--specs",
         &specs.display().to_string(),
         "--etcd-endpoints",

@@ -492,6 +492,7 @@ async fn deploy(
         let name = format!("{deployment}-{i}");
         let (process, addr) = start(&name, &p.engine, dir, "/ready", |port| {
             strings(&[
+                "--insecure-plaintext",
                 "--role=both",
                 "--time-scale=1000000",
                 &format!("--listen=127.0.0.1:{port}"),
@@ -520,6 +521,7 @@ async fn deploy(
     let name = format!("{deployment}-frontend");
     let (process, frontend) = start(&name, &p.engine, dir, "/ready", |port| {
         strings(&[
+            "--insecure-plaintext",
             "--role=frontend",
             &format!("--listen=127.0.0.1:{port}"),
             &format!("--etcd-endpoints={}", etcd.endpoint()),

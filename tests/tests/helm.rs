@@ -486,6 +486,7 @@ async fn installed_chart_rbac_lets_the_operator_reconcile_and_nothing_more() {
         engine_bin: &engine,
         time_scale: 100,
         lease_ttl_seconds: 3,
+        tls: &harness::pki::plaintext_flags(),
     };
     let agent_bin = sibling("rackscale-agent");
     let mut fleet = harness::fleet::spawn_agents(&topo, &agent_bin, &opts, dir.path()).unwrap();
@@ -503,6 +504,7 @@ async fn installed_chart_rbac_lets_the_operator_reconcile_and_nothing_more() {
     let metrics_port = free_port().unwrap().to_string();
     let operator_args: Vec<String> = [
         "run",
+        "--insecure-plaintext",
         "--kubeconfig",
         kubeconfig.to_str().unwrap(),
         "--lease-namespace",

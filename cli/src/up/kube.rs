@@ -46,8 +46,12 @@ pub fn start_operator(rack: &mut LocalRack, bins: &Bins, logs: &Path) -> Result<
         .as_ref()
         .context("kube-apiserver is not running")?;
     let port = free_port()?;
-    let args =
-        harness::fleet::operator_args(cluster.kubeconfig_path(), &rack.etcd_endpoint()?, port);
+    let args = harness::fleet::operator_args(
+        cluster.kubeconfig_path(),
+        &rack.etcd_endpoint()?,
+        port,
+        &rack.transport.operator,
+    );
     rack.operator = Some(ManagedProcess::spawn(
         "rackscale-operator",
         &bins.operator,
