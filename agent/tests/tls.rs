@@ -3,7 +3,8 @@
 //! CA's certificate and plaintext are refused); a rotated certificate is
 //! served to new connections without a restart; without TLS files or
 //! `--insecure-plaintext` the agent refuses to start and says which flags
-//! to give.
+//! to give. With the `--etcd-*` flags it registers in an etcd that requires
+//! client certificates and a user.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -91,5 +92,66 @@ async fn without_tls_files_or_the_plaintext_flag_the_agent_refuses_to_start() ->
     ] {
         assert!(text.contains(want), "{want} not named: {text}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_agent_registers_in_an_etcd_that_requires_certificates_and_a_user() -> Result<()> {
+    use harness::etcd::EtcdTls;
+    use proto::registry::security::{EtcdTls as RegistryTls, EtcdUser};
+    use proto::registry::{EtcdSecurity, Registry};
+
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(&dir.path().join("etcd-ca"), "etcd CA")?;
+    let etcd = harness::Etcd::start_with(Some(EtcdTls {
+        server: pki.issue("etcd")?,
+        client: pki.issue("harness")?,
+        client_cert_auth: true,
+    }))
+    .await?;
+    etcd.enable_auth("root-secret", "rackscale", "s3cret")
+        .await?;
+    let password = dir.path().join("etcd-password");
+    std::fs::write(&password, "s3cret\n")?;
+    let client = pki.issue("rackscale-agent")?;
+    let args = vec![
+        "--insecure-plaintext".to_string(),
+        format!("--etcd={}", etcd.endpoint()),
+        format!("--etcd-ca={}", client.ca.display()),
+        format!("--etcd-cert={}", client.cert.display()),
+        format!("--etcd-key={}", client.key.display()),
+        "--etcd-username=rackscale".to_string(),
+        format!("--etcd-password-file={}", password.display()),
+    ];
+    let port = free_port()?;
+    let _agent = agent(port, &args)?;
+    let security = EtcdSecurity {
+        tls: Some(RegistryTls {
+            ca: client.ca.clone(),
+            identity: Some((client.cert.clone(), client.key.clone())),
+            server_name: None,
+        }),
+        user: Some(EtcdUser {
+            name: "rackscale".into(),
+            password_file: password.clone(),
+        }),
+    };
+    let registry = Registry::connect_with(
+        &[etcd.endpoint().to_owned()],
+        &security,
+        Duration::from_secs(5),
+    )
+    .await?;
+    harness::wait_until("the agent's record", WAIT, || {
+        let registry = registry.clone();
+        async move {
+            let agent = registry
+                .get_agent("tray-tls", Duration::from_secs(5))
+                .await?;
+            Ok(agent.is_some())
+        }
+    })
+    .await?;
+
     Ok(())
 }
