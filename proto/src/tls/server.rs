@@ -317,6 +317,10 @@ async fn accept_loop(listener: TcpListener, tls: Option<ServerTls>, tx: mpsc::Se
                         Ok(stream) => {
                             let _ = tx.send(ServerIo::Tls(Box::new(stream))).await;
                         }
+                        // A TCP probe (the kubelet's) connects and closes.
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                            tracing::debug!(%peer, "closed before a TLS handshake");
+                        }
                         Err(e) => {
                             tracing::warn!(%peer, error = %e, "TLS handshake refused");
                         }
