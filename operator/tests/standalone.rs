@@ -207,3 +207,32 @@ async fn an_invalid_spec_file_is_refused_with_the_rule_that_it_breaks() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("worse.yaml (document 1): not YAML"), "{err}");
 }
+
+#[tokio::test]
+async fn without_tls_files_or_the_plaintext_flag_the_operator_refuses_to_start() {
+    let dir = Workdir::new("standalone-no-tls").unwrap();
+    let file = dir.path().join("small.yaml");
+    std::fs::write(&file, SPEC).unwrap();
+    for mode in [
+        vec!["standalone", "--specs", file.to_str().unwrap()],
+        vec!["run"],
+    ] {
+        let out = tokio::process::Command::new(OPERATOR)
+            .args(&mode)
+            .args(["--etcd-endpoints", "http://127.0.0.1:9"])
+            .env_remove("RACKSCALE_INSECURE_PLAINTEXT")
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{mode:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for want in [
+            "--tls-ca",
+            "--tls-cert",
+            "--tls-key",
+            "--insecure-plaintext",
+        ] {
+            assert!(err.contains(want), "{mode:?}: {want} not named: {err}");
+        }
+    }
+}
