@@ -57,7 +57,8 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "RACKSCALE_ENGINE_LISTEN", default_value = "0.0.0.0:50061")]
     listen: String,
-    /// Endpoint other engines use to pull KV (default: http://<listen>).
+    /// Endpoint other engines use to pull KV (default: https://<listen>, or
+    /// http://<listen> with --insecure-plaintext).
     #[arg(long, env = "RACKSCALE_ENGINE_ADVERTISE")]
     advertise: Option<String>,
     /// Seconds a prefilled KV waits to be pulled.
