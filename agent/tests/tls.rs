@@ -107,6 +107,7 @@ async fn the_agent_registers_in_an_etcd_that_requires_certificates_and_a_user() 
         server: pki.issue("etcd")?,
         client: pki.issue("harness")?,
         client_cert_auth: true,
+        server_name: None,
     }))
     .await?;
     etcd.enable_auth("root-secret", "rackscale", "s3cret")

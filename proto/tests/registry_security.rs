@@ -42,6 +42,7 @@ async fn with_client_certificates_required_only_the_right_certificate_gets_in() 
         server: pki.issue("etcd")?,
         client: pki.issue("harness")?,
         client_cert_auth: true,
+        server_name: None,
     }))
     .await?;
     let endpoint = etcd.endpoint().to_owned();

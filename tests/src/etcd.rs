@@ -33,6 +33,9 @@ pub struct EtcdTls {
     pub client: TlsFiles,
     /// Require client certificates signed by the server's CA.
     pub client_cert_auth: bool,
+    /// The name the harness checks etcd's certificate for; default: the
+    /// endpoint's host (127.0.0.1).
+    pub server_name: Option<String>,
 }
 
 /// A running etcd; killed on drop, its directory kept if the test failed.
@@ -209,14 +212,16 @@ pub async fn connect(
         .with_timeout(Duration::from_secs(5));
     if let Some(tls) = tls {
         let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        options = options.with_tls(
-            TlsOptions::new()
-                .ca_certificate(Certificate::from_pem(read(&tls.server.ca)?))
-                .identity(Identity::from_pem(
-                    read(&tls.client.cert)?,
-                    read(&tls.client.key)?,
-                )),
-        );
+        let mut t = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&tls.server.ca)?))
+            .identity(Identity::from_pem(
+                read(&tls.client.cert)?,
+                read(&tls.client.key)?,
+            ));
+        if let Some(name) = &tls.server_name {
+            t = t.domain_name(name.clone());
+        }
+        options = options.with_tls(t);
     }
     if let Some((name, password)) = user {
         options = options.with_user(name, password);

@@ -274,9 +274,17 @@ async fn tls_is_wired_every_way(helm: &Helm, plain: &[Value]) {
         "rs-rackscale-agent-tls",
         "rs-rackscale-operator-tls",
         "rs-rackscale-frontend-tls",
+        "rs-rackscale-etcd-tls",
     ] {
         assert!(names.contains(&want), "no Secret {want}: {names:?}");
     }
+    // The chart's etcd serves TLS and wants the components' certificates.
+    let etcd_args = args(of_kind(plain, "StatefulSet")[0]);
+    assert!(
+        etcd_args.contains(&"--client-cert-auth=true".to_string()),
+        "{etcd_args:?}"
+    );
+    assert!(etcd_args.contains(&"--listen-client-urls=https://0.0.0.0:2379".to_string()));
     for s in &secrets {
         assert_eq!(s["type"], "kubernetes.io/tls");
         if s["metadata"]["name"] != "rs-rackscale-tls-ca" {
@@ -294,6 +302,10 @@ async fn tls_is_wired_every_way(helm: &Helm, plain: &[Value]) {
         );
         assert!(
             a.contains(&format!("--tls-server-name={SERVER_NAME}")),
+            "{name}: {a:?}"
+        );
+        assert!(
+            a.contains(&"--etcd-cert=/etc/rackscale/tls/tls.crt".to_string()),
             "{name}: {a:?}"
         );
         assert!(
@@ -318,7 +330,7 @@ async fn tls_is_wired_every_way(helm: &Helm, plain: &[Value]) {
     assert!(of_kind(&docs, "Secret").is_empty());
     assert_eq!(of_kind(&docs, "Issuer").len(), 2);
     let certs = of_kind(&docs, "Certificate");
-    assert_eq!(certs.len(), 4, "the CA and three components");
+    assert_eq!(certs.len(), 5, "the CA, three components and etcd");
     let agent_cert = certs
         .iter()
         .find(|c| c["metadata"]["name"] == "rs-rackscale-agent")
@@ -359,13 +371,16 @@ async fn tls_is_wired_every_way(helm: &Helm, plain: &[Value]) {
     ]);
     let docs = template(helm, &helm_ca).await;
     assert!(of_kind(&docs, "Certificate").is_empty());
-    assert_eq!(of_kind(&docs, "Secret").len(), 4);
+    assert_eq!(of_kind(&docs, "Secret").len(), 5);
 
     // An existing Secret: mounted by everyone, nothing generated.
     let mut existing = FRONTEND.to_vec();
     existing.extend_from_slice(&["--set", "grpc.tls.secretName=my-tls"]);
     let docs = template(helm, &existing).await;
     assert!(of_kind(&docs, "Secret").is_empty());
+    // An existing Secret carries no etcd names: the chart's etcd stays plain.
+    let etcd_args = args(of_kind(&docs, "StatefulSet")[0]);
+    assert!(!etcd_args.contains(&"--client-cert-auth=true".to_string()));
     for w in workloads(&docs) {
         assert_eq!(secret_volume(w).as_deref(), Some("my-tls"));
     }
@@ -421,6 +436,72 @@ async fn tls_is_wired_every_way(helm: &Helm, plain: &[Value]) {
                 .any(|v| v["secret"]["secretName"] == "etcd-password")
         );
     }
+}
+
+/// The rendered Secret `name`'s files, decoded, written into `dir/name/`.
+fn write_secret(docs: &[Value], name: &str, dir: &Path) -> proto::tls::TlsFiles {
+    let doc = of_kind(docs, "Secret")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no Secret {name}"));
+    let secret: Secret = serde_json::from_value(doc.clone()).unwrap();
+    let data = secret.data.unwrap();
+    let mount = dir.join(name);
+    std::fs::create_dir_all(&mount).unwrap();
+    for key in ["ca.crt", "tls.crt", "tls.key"] {
+        std::fs::write(mount.join(key), &data[key].0).unwrap();
+    }
+    proto::tls::TlsFiles {
+        ca: mount.join("ca.crt"),
+        cert: mount.join("tls.crt"),
+        key: mount.join("tls.key"),
+    }
+}
+
+/// The chart's etcd certificate in a real etcd with `--client-cert-auth`:
+/// the registry client connects with a component's certificate, as the
+/// chart's flags have it (by the Service name), and is refused without one.
+#[tokio::test]
+async fn the_charts_etcd_certificate_serves_the_components_certificates() {
+    let helm = Helm::new().unwrap();
+    let docs = template(&helm, &[]).await;
+    let dir = Workdir::new("helm-etcd-tls").unwrap();
+    let server = write_secret(&docs, "rs-rackscale-etcd-tls", dir.path());
+    let agent = write_secret(&docs, "rs-rackscale-agent-tls", dir.path());
+    let operator = write_secret(&docs, "rs-rackscale-operator-tls", dir.path());
+    let name = format!("rs-rackscale-etcd.{NS}.svc");
+    let etcd = harness::Etcd::start_with(Some(harness::etcd::EtcdTls {
+        server,
+        client: agent.clone(),
+        client_cert_auth: true,
+        server_name: Some(name.clone()),
+    }))
+    .await
+    .unwrap();
+    let security = |files: &proto::tls::TlsFiles, identity: bool| proto::registry::EtcdSecurity {
+        tls: Some(proto::registry::security::EtcdTls {
+            ca: files.ca.clone(),
+            identity: identity.then(|| (files.cert.clone(), files.key.clone())),
+            server_name: Some(name.clone()),
+        }),
+        user: None,
+    };
+    let t = Duration::from_secs(5);
+    let endpoints = [etcd.endpoint().to_owned()];
+    for files in [&agent, &operator] {
+        let registry =
+            proto::registry::Registry::connect_with(&endpoints, &security(files, true), t)
+                .await
+                .unwrap();
+        registry.list_agents(t).await.unwrap();
+    }
+    let anonymous =
+        proto::registry::Registry::connect_with(&endpoints, &security(&agent, false), t).await;
+    let refused = match anonymous {
+        Err(_) => true,
+        Ok(r) => r.list_agents(t).await.is_err(),
+    };
+    assert!(refused, "etcd served a client without a certificate");
 }
 
 /// `kubectl` of `cluster` with `args`, its output; a failure panics with it.

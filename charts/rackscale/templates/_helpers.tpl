@@ -60,7 +60,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "rackscale.etcdEndpoints" -}}
 {{- if .Values.etcd.enabled }}
 {{- $name := include "rackscale.component" (dict "root" . "component" "etcd") }}
-{{- printf "http://%s.%s.svc:2379" $name .Release.Namespace }}
+{{- printf "%s://%s.%s.svc:2379" (ternary "https" "http" (eq (include "rackscale.etcd.tls" .) "true")) $name .Release.Namespace }}
 {{- else }}
 {{- if not .Values.etcd.externalEndpoints }}
 {{- fail "etcd.externalEndpoints must list the registry's etcd client URLs when etcd.enabled is false" }}
@@ -112,13 +112,16 @@ Helm, kept across upgrades).
 {{- end }}
 {{- end }}
 
-{{/* DNS names of a component's certificate: its Service-style names, and the server name for the agent. */}}
+{{/* DNS names of a component's certificate: its Service-style names, the server name for the agent, every member's name for etcd. */}}
 {{- define "rackscale.tls.dnsNames" -}}
 {{- $name := include "rackscale.component" . }}
 {{- $ns := .root.Release.Namespace }}
 {{- $names := list $name (printf "%s.%s" $name $ns) (printf "%s.%s.svc" $name $ns) }}
 {{- if eq .component "agent" }}
 {{- $names = append $names (include "rackscale.tls.serverName" .root) }}
+{{- end }}
+{{- if eq .component "etcd" }}
+{{- $names = append $names (printf "*.%s-peers.%s.svc" $name $ns) }}
 {{- end }}
 {{- toJson (uniq $names) }}
 {{- end }}
@@ -140,8 +143,25 @@ mutual TLS from the mounted Secret, or an explicit --insecure-plaintext.
 {{- include "rackscale.etcd.args" .root }}
 {{- end }}
 
+{{/*
+Whether the chart's own etcd serves clients over TLS and requires client
+certificates: etcd.tls.enabled, with the gRPC certificates on (their CA
+signs etcd's certificate, and every component's certificate is its etcd
+client certificate too) and not an existing Secret (which carries no etcd
+names).
+*/}}
+{{- define "rackscale.etcd.tls" -}}
+{{- $mode := include "rackscale.tls.mode" . }}
+{{- if and .Values.etcd.enabled .Values.etcd.tls.enabled (or (eq $mode "helm") (eq $mode "cert-manager")) }}true{{ end }}
+{{- end }}
+
 {{/* The etcd client's TLS and user flags (files mounted under /etc/rackscale/etcd*). */}}
 {{- define "rackscale.etcd.args" -}}
+{{- if eq (include "rackscale.etcd.tls" .) "true" }}
+- --etcd-ca=/etc/rackscale/tls/ca.crt
+- --etcd-cert=/etc/rackscale/tls/tls.crt
+- --etcd-key=/etc/rackscale/tls/tls.key
+{{- end }}
 {{- with .Values.etcd.client.tls.secretName }}
 - --etcd-ca=/etc/rackscale/etcd-tls/ca.crt
 - --etcd-cert=/etc/rackscale/etcd-tls/tls.crt
