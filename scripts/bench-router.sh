@@ -19,6 +19,7 @@
 #   BENCH_ROUTER_DURATION       seconds per fixed-rate run [15]
 #   BENCH_ROUTER_ROUNDS         rounds over the three targets; medians reported [3]
 #   BENCH_ROUTER_POLICY         vllm-router --policy, one that takes a single worker [round_robin]
+#   BENCH_ROUTER_TLS            1: also our frontend over mutual TLS to its workers (a fourth target) [1]
 #
 # The bench exits non-zero only when something is broken (a failed request, a
 # process that would not start); a missed target is printed as MISS.
@@ -66,6 +67,7 @@ args=(
   --rounds "${BENCH_ROUTER_ROUNDS:-3}"
   --policy "${BENCH_ROUTER_POLICY:-round_robin}"
 )
+[ "${BENCH_ROUTER_TLS:-1}" = 1 ] && args+=(--tls)
 cmd="cargo bench -p rackscale-tests --bench router -- ${args[*]}"
 say "running: $cmd"
 status=0

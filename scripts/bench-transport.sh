@@ -7,7 +7,7 @@
 # Usage: scripts/bench-transport.sh [OUTPUT_DIR]   (default: $CARGO_TARGET_DIR/bench)
 #
 # Steps (each says what failed and how to fix it):
-#   1. cargo bench -p engine --bench kv_transfer -- --reps $BENCH_KV_REPS
+#   1. cargo bench -p engine --bench kv_transfer -- --reps $BENCH_KV_REPS --tls
 #   2. cargo bench -p rackscale-tests --bench registry_watch
 #        -- --count $BENCH_WATCH_COUNT --rate $BENCH_WATCH_RATE
 #      (needs etcd from scripts/setup.sh, which `make bench` runs first)
@@ -74,7 +74,7 @@ run() {
 }
 
 KV_STATUS=0
-run "KV transfer throughput" engine kv_transfer --reps "$KV_REPS" || KV_STATUS=$?
+run "KV transfer throughput" engine kv_transfer --reps "$KV_REPS" --tls || KV_STATUS=$?
 WATCH_STATUS=0
 run "Registry watch latency" rackscale-tests registry_watch \
   --count "$WATCH_COUNT" --rate "$WATCH_RATE" || WATCH_STATUS=$?

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use proto::registry::{EtcdArgs, EtcdSecurity};
+use proto::tls::{TlsArgs, Transport};
 
 use crate::gpu::{ConfiguredGpus, NodeIdentity, SimulatedGpus};
 use crate::registration::RegistrationConfig;
@@ -98,6 +100,13 @@ pub struct Args {
     /// Log as JSON.
     #[arg(long, env = "RACKSCALE_AGENT_LOG_JSON")]
     pub log_json: bool,
+    /// Mutual TLS of `AgentService` and of every engine rank started here
+    /// (the ranks inherit these settings).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// TLS and authentication to etcd (the ranks inherit them too).
+    #[command(flatten)]
+    pub etcd_security: EtcdArgs,
 }
 
 /// Values of `--gpu-source`.
@@ -130,6 +139,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Whether the fault-injection route is served.
     pub fault_injection: bool,
+    /// How `AgentService` is served (and how the ranks serve and dial).
+    pub transport: Transport,
+    /// How the registry client authenticates to etcd.
+    pub etcd_security: EtcdSecurity,
 }
 
 impl TryFrom<Args> for Config {
@@ -153,6 +166,14 @@ impl TryFrom<Args> for Config {
             ));
         }
         let gpus = gpu_source(&args)?;
+        let transport = args
+            .tls
+            .transport()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let etcd_security = args
+            .etcd_security
+            .security()
+            .map_err(|e| Error::Config(e.to_string()))?;
         let etcd: Vec<String> = args.etcd.into_iter().filter(|e| !e.is_empty()).collect();
         let mut engine_env = vec![
             (env::NODE.to_owned(), args.node.clone()),
@@ -160,7 +181,10 @@ impl TryFrom<Args> for Config {
         ];
         if !etcd.is_empty() {
             engine_env.push((env::ETCD_ENDPOINTS.to_owned(), etcd.join(",")));
+            engine_env.extend(etcd_security.env());
         }
+        // One agent's TLS settings configure its ranks.
+        engine_env.extend(transport.env());
         let address = args
             .advertise
             .clone()
@@ -195,6 +219,8 @@ impl TryFrom<Args> for Config {
             },
             shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
             fault_injection: args.enable_fault_injection,
+            transport,
+            etcd_security,
         })
     }
 }
@@ -225,7 +251,12 @@ mod tests {
     use super::*;
 
     fn args(extra: &[&str]) -> Args {
-        let base = ["rackscale-agent", "--node=n1", "--engine-bin=/bin/true"];
+        let base = [
+            "rackscale-agent",
+            "--node=n1",
+            "--engine-bin=/bin/true",
+            "--insecure-plaintext",
+        ];
         Args::try_parse_from(base.iter().chain(extra)).unwrap()
     }
 
@@ -252,11 +283,60 @@ mod tests {
                     "RACKSCALE_ETCD_ENDPOINTS",
                     "http://127.0.0.1:1,http://127.0.0.1:2"
                 ),
+                ("RACKSCALE_INSECURE_PLAINTEXT", "true"),
             ]
         );
-        // Without a registry there is nothing to hand down.
+        // Without a registry there is only the transport to hand down.
         let alone = Config::try_from(args(&[])).unwrap();
-        assert_eq!(alone.supervisor.engine.env.len(), 2);
+        assert_eq!(alone.supervisor.engine.env.len(), 3);
+    }
+
+    #[test]
+    fn ranks_inherit_tls_and_etcd_security() {
+        let config = Config::try_from(
+            Args::try_parse_from([
+                "rackscale-agent",
+                "--node=n1",
+                "--engine-bin=/bin/true",
+                "--etcd=https://10.0.0.1:2379",
+                "--tls-ca=/pki/ca.pem",
+                "--tls-cert=/pki/agent.pem",
+                "--tls-key=/pki/agent-key.pem",
+                "--tls-server-name=rackscale-agent",
+                "--etcd-ca=/etcd/ca.pem",
+                "--etcd-username=rackscale",
+                "--etcd-password-file=/etcd/password",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(config.transport.is_tls());
+        let env: std::collections::BTreeMap<&str, &str> = config
+            .supervisor
+            .engine
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(env["RACKSCALE_TLS_CA"], "/pki/ca.pem");
+        assert_eq!(env["RACKSCALE_TLS_KEY"], "/pki/agent-key.pem");
+        assert_eq!(env["RACKSCALE_TLS_SERVER_NAME"], "rackscale-agent");
+        assert_eq!(env["RACKSCALE_ETCD_CA"], "/etcd/ca.pem");
+        assert_eq!(env["RACKSCALE_ETCD_USERNAME"], "rackscale");
+        assert!(!env.contains_key("RACKSCALE_INSECURE_PLAINTEXT"));
+    }
+
+    #[test]
+    fn without_tls_or_the_plaintext_flag_the_agent_refuses() {
+        let args = Args::try_parse_from(["rackscale-agent", "--node=n1", "--engine-bin=/bin/true"])
+            .unwrap();
+        match Config::try_from(args) {
+            Err(Error::Config(message)) => {
+                assert!(message.contains("--tls-ca"), "{message}");
+                assert!(message.contains("--insecure-plaintext"), "{message}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 
     #[test]
@@ -288,6 +368,7 @@ mod tests {
                 "rackscale-agent",
                 "--node=n1",
                 "--engine-bin=/bin/true",
+                "--insecure-plaintext",
                 "--gpu-source=cuda",
             ])
             .is_err()

@@ -1,5 +1,6 @@
 //! `rackscale-agent`: the node agent binary. Parses flags, discovers GPUs,
-//! serves `AgentService` (+ gRPC health and reflection) and `/metrics`,
+//! serves `AgentService` (+ gRPC health and reflection; mutual TLS unless
+//! `--insecure-plaintext`) and `/metrics`,
 //! registers in etcd, and on SIGTERM/ctrl-c stops every rank within its grace
 //! period.
 
@@ -44,7 +45,18 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    let server = tokio::spawn(agent::service::serve(listener, node.clone(), stopped()));
+    let tls = config.transport.server(proto::tls::Alpn::H2)?;
+    tracing::info!(
+        addr = %config.listen,
+        tls = config.transport.is_tls(),
+        "serving AgentService"
+    );
+    let server = tokio::spawn(agent::service::serve(
+        listener,
+        node.clone(),
+        tls,
+        stopped(),
+    ));
 
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -61,8 +73,12 @@ async fn main() -> anyhow::Result<()> {
     let registration = if config.etcd.is_empty() {
         None
     } else {
-        let registry =
-            proto::registry::Registry::connect(&config.etcd, Duration::from_secs(5)).await?;
+        let registry = proto::registry::Registry::connect_with(
+            &config.etcd,
+            &config.etcd_security,
+            Duration::from_secs(5),
+        )
+        .await?;
         tokio::spawn(agent::withdraw::run(
             registry.clone(),
             node.events().clone(),

@@ -12,10 +12,11 @@ use std::time::{Duration, SystemTime};
 use futures::{Stream, StreamExt};
 use proto::pb;
 use proto::pb::agent_service_server::{self, AgentService, AgentServiceServer};
+use proto::tls::ServerTls;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::{BroadcastStream, TcpListenerStream};
 use tonic::{Request, Response, Status};
 use tonic_reflection::server::v1::{ServerReflection, ServerReflectionServer};
 use tracing::instrument;
@@ -174,10 +175,11 @@ impl AgentService for AgentApi {
 
 /// Serves `AgentService`, `grpc.health.v1.Health` and reflection
 /// (`grpc.reflection.v1.ServerReflection`) on `listener` until `shutdown`
-/// completes.
+/// completes; with `tls`, only to clients whose certificate its CA signed.
 pub async fn serve(
     listener: TcpListener,
     node: Node,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (closing_tx, closing) = watch::channel(false);
@@ -193,7 +195,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_optional_service(reflection())
         .add_service(AgentServiceServer::new(AgentApi::new(node, closing)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(proto::tls::incoming(listener, tls), shutdown)
         .await
 }
 

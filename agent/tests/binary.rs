@@ -1,10 +1,12 @@
-//! The `rackscale-agent` binary end to end: flags, gRPC, `/metrics`, the
-//! fault-injection route, and SIGTERM stopping every rank before exit.
+//! The `rackscale-agent` binary end to end: flags, gRPC over mutual TLS,
+//! `/metrics`, the fault-injection route, and SIGTERM stopping every rank
+//! before exit.
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use harness::pki::{Pki, flags};
 use harness::wait_for;
 use proto::pb;
 use proto::pb::agent_service_client::AgentServiceClient;
@@ -32,7 +34,10 @@ async fn http(port: u16, method: &str, path: &str) -> Result<String> {
 #[tokio::test]
 async fn the_binary_serves_and_stops_its_ranks_on_sigterm() -> Result<()> {
     let (grpc, metrics) = (free_port()?, free_port()?);
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::create(dir.path(), "agent test CA")?;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rackscale-agent"))
+        .args(flags(&pki.issue("tray-9")?))
         .args([
             "--node=tray-9",
             &format!("--listen=127.0.0.1:{grpc}"),
@@ -48,10 +53,14 @@ async fn the_binary_serves_and_stops_its_ranks_on_sigterm() -> Result<()> {
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
-    let address = format!("http://127.0.0.1:{grpc}");
+    let address = format!("https://127.0.0.1:{grpc}");
+    let tls = pki.transport("operator")?.client()?;
     let mut client = wait_for("the agent's gRPC server", WAIT, || {
-        let address = address.clone();
-        async move { Ok(Some(AgentServiceClient::connect(address).await?)) }
+        let (address, tls) = (address.clone(), tls.clone());
+        async move {
+            let channel = tls.channel(&tls.endpoint(&address)?).await?;
+            Ok(Some(AgentServiceClient::new(channel)))
+        }
     })
     .await?;
     let node = client.get_node(pb::GetNodeRequest {}).await?.into_inner();

@@ -61,7 +61,7 @@ impl Agent {
         let (stop, stopped) = oneshot::channel::<()>();
         let served = node.clone();
         let server = tokio::spawn(async move {
-            let _ = agent::service::serve(listener, served, async {
+            let _ = agent::service::serve(listener, served, None, async {
                 let _ = stopped.await;
             })
             .await;

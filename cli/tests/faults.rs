@@ -94,6 +94,7 @@ impl Rack {
             engine_bin: &engine,
             time_scale: 20,
             lease_ttl_seconds: LEASE_TTL_S,
+            flags: &harness::pki::plaintext_flags(),
         };
         let agent_bin = sibling("rackscale-agent");
         let mut agents = Vec::new();
@@ -136,6 +137,7 @@ impl Rack {
         let status_port = free_port().unwrap();
         let operator_args: Vec<String> = vec![
             "standalone".into(),
+            "--insecure-plaintext".into(),
             "--specs".into(),
             specs.display().to_string(),
             "--etcd-endpoints".into(),
@@ -164,6 +166,7 @@ impl Rack {
         for i in 0..2 {
             let port = free_port().unwrap();
             let args = vec![
+                "--insecure-plaintext".into(),
                 "--role=frontend".into(),
                 "--model=deepseek-v4-pro".into(),
                 format!("--listen=127.0.0.1:{port}"),

@@ -1,8 +1,9 @@
 //! The rebalancer with real processes: real etcd, one `rackscale-agent` per
 //! GB300 tray (engines on the simulated backend at time scale 5, waiting out
 //! perfmodel's weight load before they serve), the standalone operator with
-//! `rebalance.enabled`, a frontend, and `rackscale bench` sending requests
-//! whose outputs are long enough to overload the single decode worker.
+//! `rebalance.enabled`, a frontend, every gRPC link over mutual TLS, and
+//! `rackscale bench` sending requests whose outputs are long enough to
+//! overload the single decode worker.
 //!
 //! The load must make the operator move a prefill worker to decode on the
 //! same GPUs while requests are in flight, and every request must complete
@@ -21,6 +22,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use harness::pki::Pki;
 use harness::process::{ManagedProcess, free_port};
 use harness::workdir::Workdir;
 use harness::{Etcd, Sku, Topology, wait_for};
@@ -69,47 +71,41 @@ impl Rack {
         let etcd = Etcd::start().await.unwrap();
         let endpoint = etcd.endpoint().to_string();
         let dir = Workdir::new("rebalance").unwrap();
+        // Every gRPC link over mutual TLS, the operator's Drain calls too.
+        let pki = Pki::create(&dir.path().join("pki"), "rebalance test CA").unwrap();
         let topo = Topology::new().rack("r", Sku::Gb300, 4, 4);
         let engine = sibling("rackscale-engine").display().to_string();
+        let mut flags = pki.args("agent").unwrap();
+        flags.push("--engine-arg=--model-startup".into());
         let opts = harness::fleet::AgentOptions {
             etcd: &endpoint,
             engine_bin: &engine,
             time_scale: TIME_SCALE,
             lease_ttl_seconds: 3,
+            flags: &flags,
         };
         let agent_bin = sibling("rackscale-agent");
-        let mut agents = Vec::new();
-        let mut nodes = Vec::new();
-        for rack in topo.racks() {
-            for node in rack.node_names() {
-                let mut args = harness::fleet::agent_args(rack, &node, free_port().unwrap(), &opts);
-                args.push("--engine-arg=--model-startup".into());
-                agents.push(ManagedProcess::spawn(&node, &agent_bin, &args, dir.path()).unwrap());
-                nodes.push(node);
-            }
-        }
+        let mut fleet = harness::fleet::spawn_agents(&topo, &agent_bin, &opts, dir.path()).unwrap();
         let registry = Registry::new(etcd.client().await.unwrap());
-        wait_for("every agent registered", TIMEOUT, || {
-            let (registry, nodes) = (&registry, &nodes);
-            async move {
-                let listing = registry.list_agents(Duration::from_secs(5)).await?;
-                let seen: BTreeSet<&str> =
-                    listing.records.iter().map(|r| r.node.as_str()).collect();
-                Ok(nodes
-                    .iter()
-                    .all(|n| seen.contains(n.as_str()))
-                    .then_some(()))
-            }
-        })
+        harness::fleet::wait_registered(
+            &registry,
+            &mut fleet,
+            &agent_bin,
+            &opts,
+            dir.path(),
+            TIMEOUT,
+        )
         .await
         .unwrap();
+        let agents = fleet.into_iter().map(|a| a.process).collect();
 
         let specs = dir.path().join("specs");
         std::fs::create_dir_all(&specs).unwrap();
         std::fs::write(specs.join("shift.yaml"), SPEC).unwrap();
         let status_port = free_port().unwrap();
-        let operator_args: Vec<String> = vec![
-            "standalone".into(),
+        let mut operator_args: Vec<String> = vec!["standalone".into()];
+        operator_args.extend(pki.args("operator").unwrap());
+        operator_args.extend([
             "--specs".into(),
             specs.display().to_string(),
             "--etcd-endpoints".into(),
@@ -119,7 +115,7 @@ impl Rack {
             "--resync-ms".into(),
             "1000".into(),
             format!("--time-scale={TIME_SCALE}"),
-        ];
+        ]);
         let operator = ManagedProcess::spawn(
             "operator",
             &sibling("rackscale-operator"),
@@ -128,14 +124,15 @@ impl Rack {
         )
         .unwrap();
         let frontend_port = free_port().unwrap();
-        let frontend_args: Vec<String> = vec![
+        let mut frontend_args = pki.args("frontend").unwrap();
+        frontend_args.extend([
             "--role=frontend".into(),
             "--model=deepseek-v4-pro".into(),
             format!("--listen=127.0.0.1:{frontend_port}"),
             format!("--etcd-endpoints={endpoint}"),
             "--namespace=llm".into(),
             "--deployment=shift".into(),
-        ];
+        ]);
         let frontend = ManagedProcess::spawn(
             "frontend",
             &sibling("rackscale-engine"),

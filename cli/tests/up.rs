@@ -2,8 +2,11 @@
 //! agent per tray, the standalone operator and a frontend; the deployment
 //! turns Ready, the bench runs through it, the summary compares the
 //! prediction with the measurement, the plot is written, and everything
-//! stops (no engine rank outlives the run). A bad topology or spec file is
-//! refused before anything starts.
+//! stops (no engine rank outlives the run). Every gRPC link of the run is
+//! mutual TLS (the default), so this is also the end-to-end test of it:
+//! agents, operator, engines and frontend, a request served prefill -> KV
+//! pull -> decode. A bad topology or spec file is refused before anything
+//! starts.
 //!
 //! Needs the operator, agent and engine binaries beside `rackscale`
 //! (`cargo build --workspace --bins`; make test does).
@@ -72,6 +75,9 @@ fn a_small_rack_comes_up_is_benched_and_stops_cleanly() {
     assert!(ok, "{text}");
     assert!(text.contains("workers starting: 2/2 Ready"), "{text}");
     assert!(text.contains("/v1  (OpenAI API)"), "{text}");
+    // Every gRPC link ran over mutual TLS: operator -> agents, frontend ->
+    // engines, the decode worker's KV pull from the prefill worker.
+    assert!(text.contains("gRPC links        mutual TLS"), "{text}");
     assert!(text.contains("Predicted (perfmodel) vs measured"), "{text}");
     let row = text
         .lines()

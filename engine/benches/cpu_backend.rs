@@ -214,7 +214,8 @@ async fn measure(o: &Options, cpu: Option<&Path>) -> Result<Figures> {
     for rep in 0..o.reps {
         let kv = prefill(&p, &format!("kv-{rep}"), prompt(o.prompt, rep)).await?;
         let start = Instant::now();
-        let data = engine::kv::receive(&kv, 1 << 20, &counter).await?;
+        let data = engine::kv::receive(&kv, 1 << 20, &counter, &proto::tls::ClientTls::plaintext())
+            .await?;
         f.kv_ms.push(start.elapsed().as_secs_f64() * 1e3);
         ensure!(data.len() as u64 == kv.bytes, "short KV");
         f.kv_bytes = kv.bytes;

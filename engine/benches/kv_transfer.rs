@@ -23,17 +23,22 @@
 //! against the target of at least 80% of raw (PASS/MISS). Exits non-zero only
 //! when a transfer is broken (wrong length, offsets or bytes), never for a
 //! missed target. No criterion: `--reps N` timed runs of each case (default
-//! 20), interleaved, after one warm-up. Run with
-//! `cargo bench -p engine --bench kv_transfer [-- --reps N]`.
+//! 20), interleaved, after one warm-up. With `--tls` a second pair of engines
+//! serves and pulls over mutual TLS (a CA made for the run, as in
+//! production) and its PullKv and Decode cases run interleaved with the
+//! plaintext ones, so the TLS cost is measured on the same machine at the
+//! same moment. Run with
+//! `cargo bench -p engine --bench kv_transfer [-- --reps N] [--tls]`.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use engine::sim::SimBackend;
-use engine::{EngineConfig, EngineMetrics, Role};
+use engine::{EngineConfig, EngineMetrics, EngineTls, Role};
 use perfmodel::{Calibration, ModelProfile, Parallelism, Sku};
 use proto::pb;
 use proto::pb::engine_service_client::EngineServiceClient;
+use proto::tls::ClientTls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -49,13 +54,14 @@ const TARGET_RATIO: f64 = 0.8;
 /// One in-process engine on a loopback port; stopped on drop.
 struct Worker {
     endpoint: String,
+    tls: ClientTls,
     metrics: EngineMetrics,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<engine::Result<()>>,
 }
 
 impl Worker {
-    async fn start(role: Role) -> Result<Self> {
+    async fn start(role: Role, tls: &EngineTls) -> Result<Self> {
         let parallelism = match role {
             Role::Prefill => Parallelism::Tp(8),
             _ => Parallelism::Ep(8),
@@ -63,8 +69,9 @@ impl Worker {
         let mut config =
             EngineConfig::new(role, ModelProfile::builtin(MODEL)?, Sku::Gb200, parallelism);
         config.time_scale = TIME_SCALE;
+        config.tls = tls.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let endpoint = format!("http://{}", listener.local_addr()?);
+        let endpoint = format!("{}://{}", tls.scheme(), listener.local_addr()?);
         let metrics = EngineMetrics::unregistered()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(engine::serve(
@@ -77,6 +84,7 @@ impl Worker {
         ));
         Ok(Self {
             endpoint,
+            tls: tls.client.clone(),
             metrics,
             stop: Some(stop),
             task,
@@ -86,9 +94,10 @@ impl Worker {
     /// A client, retrying until the server accepts (bounded by a deadline).
     async fn client(&self) -> Result<EngineServiceClient<tonic::transport::Channel>> {
         let deadline = Instant::now() + Duration::from_secs(10);
+        let endpoint = self.tls.endpoint(&self.endpoint)?;
         loop {
-            match EngineServiceClient::connect(self.endpoint.clone()).await {
-                Ok(c) => return Ok(c),
+            match self.tls.channel(&endpoint).await {
+                Ok(c) => return Ok(EngineServiceClient::new(c)),
                 Err(e) if Instant::now() > deadline => {
                     return Err(e).with_context(|| format!("connecting to {}", self.endpoint));
                 }
@@ -189,9 +198,9 @@ async fn prefill(prefill: &Worker, request_id: &str) -> Result<pb::KvHandle> {
 
 /// Pulls `handle`'s KV with the decode engine's own receiving code
 /// (`engine::kv::receive`: connect, `PullKv`, offsets and length checked).
-async fn pull(handle: &pb::KvHandle, chunk_bytes: u32) -> Result<Vec<u8>> {
+async fn pull(handle: &pb::KvHandle, chunk_bytes: u32, tls: &ClientTls) -> Result<Vec<u8>> {
     let received = prometheus::IntCounter::new("bench_kv_received_bytes", "KV bytes pulled")?;
-    let data = engine::kv::receive(handle, chunk_bytes, &received).await?;
+    let data = engine::kv::receive(handle, chunk_bytes, &received, tls).await?;
     ensure!(
         received.get() == handle.bytes,
         "counted {} received bytes for a {}-byte KV",
@@ -266,12 +275,16 @@ async fn raw_tcp(data: &'static [u8], chunk: usize) -> Result<(Duration, Vec<u8>
     Ok((elapsed, received))
 }
 
-fn parse_reps() -> Result<usize> {
+/// `--reps N` and `--tls`.
+fn parse_args() -> Result<(usize, bool)> {
     let mut args = std::env::args().skip(1);
     let mut reps = DEFAULT_REPS;
+    let mut tls = false;
     // `cargo bench` passes `--bench`; that and any filter are ignored.
     while let Some(arg) = args.next() {
-        if arg == "--reps" {
+        if arg == "--tls" {
+            tls = true;
+        } else if arg == "--reps" {
             reps = args
                 .next()
                 .context("--reps needs a value")?
@@ -280,10 +293,81 @@ fn parse_reps() -> Result<usize> {
             ensure!(reps > 0, "--reps must be positive");
         }
     }
-    Ok(reps)
+    Ok((reps, tls))
 }
 
-async fn run(reps: usize) -> Result<()> {
+/// A prefill and a decode engine on one transport, and their timings.
+struct Pair {
+    label: &'static str,
+    p: Worker,
+    d: Worker,
+    pull_kv: Timings,
+    decode: Timings,
+}
+
+impl Pair {
+    async fn start(label: &'static str, tls: &EngineTls, bytes: u64) -> Result<Self> {
+        Ok(Self {
+            label,
+            p: Worker::start(Role::Prefill, tls).await?,
+            d: Worker::start(Role::Decode, tls).await?,
+            pull_kv: Timings::new(
+                if tls.server.is_some() {
+                    "PullKv (bench as puller), mTLS"
+                } else {
+                    "PullKv (bench as puller)"
+                },
+                bytes,
+            ),
+            decode: Timings::new(
+                if tls.server.is_some() {
+                    "Decode: engine pull + checksum, mTLS"
+                } else {
+                    "Decode: engine pull + checksum"
+                },
+                bytes,
+            ),
+        })
+    }
+
+    /// One rep of both cases; `warmup` reps are not recorded.
+    async fn rep(&mut self, rep: usize, warmup: bool, bytes: u64, chunk_bytes: u32) -> Result<()> {
+        let id = format!("pull-{rep}");
+        let handle = prefill(&self.p, &id).await?;
+        ensure!(
+            handle.bytes == bytes,
+            "handle says {} bytes, expected {bytes}",
+            handle.bytes
+        );
+        let start = Instant::now();
+        let got = pull(&handle, chunk_bytes, &self.d.tls).await?;
+        let elapsed = start.elapsed();
+        verify(&handle, got)
+            .await
+            .with_context(|| format!("{} PullKv rep {rep}", self.label))?;
+        if !warmup {
+            self.pull_kv.runs.push(elapsed);
+        }
+
+        let id = format!("decode-{rep}");
+        let handle = prefill(&self.p, &id).await?;
+        let before = self.d.metrics.kv_received_bytes.get();
+        let start = Instant::now();
+        decode_first(&self.d, &id, handle).await?;
+        let elapsed = start.elapsed();
+        let moved = self.d.metrics.kv_received_bytes.get() - before;
+        ensure!(
+            moved == bytes,
+            "decode engine received {moved} of {bytes} bytes"
+        );
+        if !warmup {
+            self.decode.runs.push(elapsed);
+        }
+        Ok(())
+    }
+}
+
+async fn run(reps: usize, with_tls: bool) -> Result<()> {
     let model = ModelProfile::builtin(MODEL)?;
     let bytes = model.attention.kv_bytes(f64::from(PROMPT_TOKENS)).ceil() as u64;
     let per_token = model.attention.kv_bytes_per_token();
@@ -303,52 +387,27 @@ async fn run(reps: usize) -> Result<()> {
         "engine models {sim_bytes} KV bytes, perfmodel {bytes}"
     );
 
-    let p = Worker::start(Role::Prefill).await?;
-    let d = Worker::start(Role::Decode).await?;
-
-    let mut pull_kv = Timings::new("PullKv (bench as puller)", bytes);
-    let mut decode = Timings::new("Decode: engine pull + checksum", bytes);
+    let mut pairs = vec![Pair::start("plaintext", &EngineTls::plaintext(), bytes).await?];
+    let pki_dir = tempfile::tempdir()?;
+    if with_tls {
+        let pki = harness::pki::Pki::create(pki_dir.path(), "kv_transfer bench CA")?;
+        let tls = EngineTls::from_transport(&pki.transport("engine")?)?;
+        pairs.push(Pair::start("mTLS", &tls, bytes).await?);
+    }
     let mut raw = Timings::new("raw TCP loopback", bytes);
 
     // Raw TCP moves the same bytes the engine moves (one KV's content).
-    let sample = prefill(&p, "raw-sample").await?;
-    let data: &'static [u8] = verify(&sample, pull(&sample, chunk_bytes).await?)
+    let plain = &pairs[0];
+    let sample = prefill(&plain.p, "raw-sample").await?;
+    let data: &'static [u8] = verify(&sample, pull(&sample, chunk_bytes, &plain.d.tls).await?)
         .await
         .context("raw sample")?
         .leak();
 
     for rep in 0..=reps {
         let warmup = rep == 0;
-        let id = format!("pull-{rep}");
-        let handle = prefill(&p, &id).await?;
-        ensure!(
-            handle.bytes == bytes,
-            "handle says {} bytes, expected {bytes}",
-            handle.bytes
-        );
-        let start = Instant::now();
-        let got = pull(&handle, chunk_bytes).await?;
-        let elapsed = start.elapsed();
-        verify(&handle, got)
-            .await
-            .with_context(|| format!("PullKv rep {rep}"))?;
-        if !warmup {
-            pull_kv.runs.push(elapsed);
-        }
-
-        let id = format!("decode-{rep}");
-        let handle = prefill(&p, &id).await?;
-        let before = d.metrics.kv_received_bytes.get();
-        let start = Instant::now();
-        decode_first(&d, &id, handle).await?;
-        let elapsed = start.elapsed();
-        let moved = d.metrics.kv_received_bytes.get() - before;
-        ensure!(
-            moved == bytes,
-            "decode engine received {moved} of {bytes} bytes"
-        );
-        if !warmup {
-            decode.runs.push(elapsed);
+        for pair in &mut pairs {
+            pair.rep(rep, warmup, bytes, chunk_bytes).await?;
         }
 
         let (elapsed, got) = raw_tcp(data, chunk_bytes as usize).await?;
@@ -363,14 +422,16 @@ async fn run(reps: usize) -> Result<()> {
             raw.runs.push(elapsed);
         }
     }
-    ensure!(
-        p.metrics.kv_sent_bytes.get() == bytes * (2 * reps as u64 + 3),
-        "prefill engine sent {} bytes, expected {}",
-        p.metrics.kv_sent_bytes.get(),
-        bytes * (2 * reps as u64 + 3)
-    );
-    p.stop().await?;
-    d.stop().await?;
+    for (i, pair) in pairs.iter().enumerate() {
+        // The plaintext pair also served the raw case's sample.
+        let want = bytes * (2 * reps as u64 + 2 + u64::from(i == 0));
+        ensure!(
+            pair.p.metrics.kv_sent_bytes.get() == want,
+            "{} prefill engine sent {} bytes, expected {want}",
+            pair.label,
+            pair.p.metrics.kv_sent_bytes.get(),
+        );
+    }
 
     println!(
         "\n{MODEL}, {PROMPT_TOKENS}-token prompt: {bytes} KV bytes ({:.1} MiB) per transfer \
@@ -383,9 +444,12 @@ async fn run(reps: usize) -> Result<()> {
     );
     println!("| case | reps | median ms | p10 ms | p90 ms | median GB/s | p10 GB/s | p90 GB/s |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for t in [&pull_kv, &decode, &raw] {
-        println!("{}", t.row());
+    for pair in &pairs {
+        println!("{}", pair.pull_kv.row());
+        println!("{}", pair.decode.row());
     }
+    println!("{}", raw.row());
+    let (pull_kv, decode) = (&pairs[0].pull_kv, &pairs[0].decode);
     let ratio = pull_kv.gbps(pull_kv.percentile(50.0)) / raw.gbps(raw.percentile(50.0));
     let decode_ratio = decode.gbps(decode.percentile(50.0)) / raw.gbps(raw.percentile(50.0));
     // A missed target is reported, not an error: only broken transfers fail.
@@ -403,10 +467,22 @@ async fn run(reps: usize) -> Result<()> {
         "Decode (pull + checksum) / raw TCP (medians): {:.1}% (no target)",
         100.0 * decode_ratio
     );
+    if let Some(tls) = pairs.get(1) {
+        let median = |t: &Timings| t.percentile(50.0).as_secs_f64();
+        println!(
+            "mTLS / plaintext (median wall time): PullKv {:.2}x, Decode {:.2}x",
+            median(&tls.pull_kv) / median(pull_kv),
+            median(&tls.decode) / median(decode),
+        );
+    }
+    for pair in pairs {
+        pair.p.stop().await?;
+        pair.d.stop().await?;
+    }
     Ok(())
 }
 
 fn main() -> Result<()> {
-    let reps = parse_reps()?;
-    tokio::runtime::Runtime::new()?.block_on(run(reps))
+    let (reps, tls) = parse_args()?;
+    tokio::runtime::Runtime::new()?.block_on(run(reps, tls))
 }

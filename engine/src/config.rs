@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use perfmodel::memory;
 use perfmodel::{Calibration, ModelProfile, Parallelism, Sku, WorkerShape};
+use proto::tls::{Alpn, ClientTls, ServerTls, Transport};
 
 use crate::error::{Error, Result};
 
@@ -85,6 +86,46 @@ impl BackendConfig {
     }
 }
 
+/// How a worker's links are secured: what it serves its port with (gRPC
+/// and HTTP/1.1 share it, so both ALPN protocols are offered) and what it
+/// dials other engines with (KV pulls, expert ranks, its own status).
+#[derive(Debug, Clone)]
+pub struct EngineTls {
+    /// `None`: the port serves plaintext.
+    pub server: Option<ServerTls>,
+    /// How other engines are dialled.
+    pub client: ClientTls,
+}
+
+impl EngineTls {
+    /// No TLS on either side: a binary gets it only from
+    /// `--insecure-plaintext`; in-process tests use it for their servers.
+    pub fn plaintext() -> Self {
+        Self {
+            server: None,
+            client: ClientTls::plaintext(),
+        }
+    }
+
+    /// Both sides from `transport` (files loaded now).
+    pub fn from_transport(transport: &Transport) -> Result<Self> {
+        let tls = |e: proto::Error| Error::Config(e.to_string());
+        Ok(Self {
+            server: transport.server(Alpn::H2Http1).map_err(tls)?,
+            client: transport.client().map_err(tls)?,
+        })
+    }
+
+    /// The URL scheme this worker's endpoint advertises.
+    pub fn scheme(&self) -> &'static str {
+        if self.server.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
 /// Which deployment and worker this process is (reported in `Status` and
 /// `KvHandle.prefill_worker`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -139,6 +180,8 @@ pub struct EngineConfig {
     pub generation: u64,
     /// What computes the steps.
     pub backend: BackendConfig,
+    /// How the port is served and other engines dialled.
+    pub tls: EngineTls,
 }
 
 /// The scheduler budgets a configuration resolves to.
@@ -180,6 +223,7 @@ impl EngineConfig {
             worker: WorkerIdent::default(),
             generation: 0,
             backend: BackendConfig::Sim,
+            tls: EngineTls::plaintext(),
         }
     }
 

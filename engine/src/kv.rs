@@ -24,9 +24,9 @@ use std::time::{Duration, SystemTime};
 use prometheus::IntCounter;
 use proto::pb;
 use proto::pb::engine_service_client::EngineServiceClient;
+use proto::tls::ClientTls;
 use tokio::time::Instant;
 use tonic::Status;
-use tonic::transport::Endpoint;
 
 use crate::error::{Error, Result};
 use crate::sim;
@@ -184,21 +184,26 @@ impl tokio_stream::Stream for KvChunks {
 
 /// Streams `handle`'s KV from its holder into one buffer, checking that the
 /// chunks are contiguous, complete and `handle.bytes` long; counts received
-/// bytes into `received`. Does not check content (see [`verify`]).
+/// bytes into `received`. Does not check content (see [`verify`]). The
+/// connection goes through `tls` (mutual TLS unless the process runs
+/// plaintext), with the large h2 windows and frames the pull needs.
 pub async fn receive(
     handle: &pb::KvHandle,
     max_chunk_bytes: u32,
     received: &IntCounter,
+    tls: &ClientTls,
 ) -> Result<Vec<u8>> {
     let endpoint = &handle.kv_endpoint;
-    let channel = Endpoint::from_shared(endpoint.clone())
+    let channel = tls
+        .endpoint(endpoint)
         .map_err(|e| Error::KvTransfer(format!("endpoint {endpoint}: {e}")))?
         .initial_stream_window_size(PULL_STREAM_WINDOW)
         .initial_connection_window_size(PULL_CONNECTION_WINDOW)
-        .max_frame_size(PULL_MAX_FRAME)
-        .connect()
+        .max_frame_size(PULL_MAX_FRAME);
+    let channel = tls
+        .channel(&channel)
         .await
-        .map_err(|e| Error::KvTransfer(format!("connect {endpoint}: {e}")))?;
+        .map_err(|e| Error::KvTransfer(e.to_string()))?;
     let mut stream = EngineServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .pull_kv(pb::PullKvRequest {
@@ -310,8 +315,9 @@ pub async fn pull(
     handle: &pb::KvHandle,
     max_chunk_bytes: u32,
     received: &IntCounter,
+    tls: &ClientTls,
 ) -> Result<u64> {
-    let data = receive(handle, max_chunk_bytes, received).await?;
+    let data = receive(handle, max_chunk_bytes, received, tls).await?;
     Ok(verify(handle, data).await?.len() as u64)
 }
 

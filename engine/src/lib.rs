@@ -38,7 +38,7 @@ pub mod scheduler;
 pub mod server;
 pub mod sim;
 
-pub use config::{BackendConfig, CpuOptions, EngineConfig, Role, WorkerIdent};
+pub use config::{BackendConfig, CpuOptions, EngineConfig, EngineTls, Role, WorkerIdent};
 pub use error::{Error, Result};
 pub use metrics::EngineMetrics;
 pub use server::serve;

@@ -4,6 +4,12 @@
 //! backend and `--world-size` above 1, ranks other than 0 serve their share
 //! of the routed experts on `--listen` instead (see `engine::cpu::ep`).
 //! `--write-cpu-model DIR` writes the CPU reference model and exits.
+//!
+//! Every link (the port's gRPC and HTTP, KV pulls, expert ranks, the
+//! frontend's calls) is mutual TLS with `--tls-ca/--tls-cert/--tls-key`
+//! (agents hand theirs down as `RACKSCALE_TLS_*`); only
+//! `--insecure-plaintext` turns it off, and without either the engine
+//! refuses to start.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,8 +17,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use engine::{BackendConfig, CpuOptions, EngineConfig, EngineMetrics, Role, WorkerIdent};
+use engine::{
+    BackendConfig, CpuOptions, EngineConfig, EngineMetrics, EngineTls, Role, WorkerIdent,
+};
 use perfmodel::{ModelProfile, Parallelism, Sku};
+use proto::registry::{EtcdArgs, EtcdSecurity, Registry};
+use proto::tls::{Alpn, TlsArgs, Transport};
 
 /// Flags; every one also reads an environment variable.
 #[derive(Debug, Parser)]
@@ -47,7 +57,8 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "RACKSCALE_ENGINE_LISTEN", default_value = "0.0.0.0:50061")]
     listen: String,
-    /// Endpoint other engines use to pull KV (default: http://<listen>).
+    /// Endpoint other engines use to pull KV (default: https://<listen>, or
+    /// http://<listen> with --insecure-plaintext).
     #[arg(long, env = "RACKSCALE_ENGINE_ADVERTISE")]
     advertise: Option<String>,
     /// Seconds a prefilled KV waits to be pulled.
@@ -120,6 +131,12 @@ struct Args {
     /// directory and exit.
     #[arg(long)]
     write_cpu_model: Option<PathBuf>,
+    /// Mutual TLS of every link.
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// TLS and authentication to etcd.
+    #[command(flatten)]
+    etcd_security: EtcdArgs,
 }
 
 /// The backend a `--backend` value names.
@@ -132,6 +149,19 @@ fn parse_backend(name: &str) -> anyhow::Result<bool> {
 }
 
 impl Args {
+    /// The validated transport and etcd security (refuses a start without
+    /// TLS files or `--insecure-plaintext`).
+    fn security(&self) -> anyhow::Result<(Transport, EtcdSecurity)> {
+        Ok((self.tls.transport()?, self.etcd_security.security()?))
+    }
+
+    /// The registry client, through `etcd`'s TLS and user.
+    async fn registry(&self, etcd: &EtcdSecurity) -> anyhow::Result<Registry> {
+        Registry::connect_with(&self.etcd_endpoints, etcd, Duration::from_secs(5))
+            .await
+            .context("connecting to the etcd registry")
+    }
+
     fn config(&self) -> anyhow::Result<EngineConfig> {
         let role: Role = self.role.parse()?;
         anyhow::ensure!(
@@ -251,18 +281,18 @@ async fn stop_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--role frontend`: the OpenAI API over the deployment's workers.
-async fn frontend(args: Args) -> anyhow::Result<()> {
+/// `--role frontend`: the OpenAI API over the deployment's workers (its
+/// own HTTP port is the user-facing edge and stays plain HTTP; its calls to
+/// the workers go through `transport`).
+async fn frontend(args: Args, transport: Transport, etcd: EtcdSecurity) -> anyhow::Result<()> {
     anyhow::ensure!(
         !args.etcd_endpoints.is_empty() && !args.deployment.is_empty(),
         "--role frontend needs --etcd-endpoints and --deployment (and --namespace) to find the workers"
     );
     let model = ModelProfile::builtin(&args.model)?;
     let timeout = Duration::from_secs(5);
-    let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
-        .await
-        .context("connecting to the etcd registry")?;
-    let pool = engine::frontend::pool::Pool::new(timeout);
+    let registry = args.registry(&etcd).await?;
+    let pool = engine::frontend::pool::Pool::new(timeout, transport.client()?);
     pool.follow(registry, &args.namespace, &args.deployment);
     // The workers' pool sizes and load on this frontend's /metrics.
     let metrics = prometheus::Registry::new();
@@ -309,14 +339,16 @@ async fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    let (transport, etcd) = args.security()?;
     if args.role == "frontend" {
-        return frontend(args).await;
+        return frontend(args, transport, etcd).await;
     }
     let mut config = args.config()?;
+    config.tls = EngineTls::from_transport(&transport)?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, role = config.role.as_str(), "engine serving");
+    tracing::info!(addr = %listener.local_addr()?, role = config.role.as_str(), tls = transport.is_tls(), "engine serving");
     let registry = prometheus::Registry::new();
     let metrics = EngineMetrics::register(&registry)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -332,16 +364,14 @@ async fn main() -> anyhow::Result<()> {
     let endpoint = args
         .advertise
         .clone()
-        .unwrap_or_else(|| format!("http://{local}"));
+        .unwrap_or_else(|| format!("{}://{local}", transport.scheme()));
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     let mut registry_client = None;
     let registration = if args.etcd_endpoints.is_empty() {
         None
     } else {
         let timeout = Duration::from_secs(5);
-        let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
-            .await
-            .context("connecting to the etcd registry")?;
+        let registry = args.registry(&etcd).await?;
         registry_client = Some(registry.clone());
         let shape = match config.parallelism {
             perfmodel::Parallelism::Tp(t) => proto::types::Shape { tp: t, ep: 1 },
@@ -378,6 +408,7 @@ async fn main() -> anyhow::Result<()> {
             ttl: Duration::from_secs(args.lease_ttl_seconds),
             interval: Duration::from_secs(1),
             timeout,
+            tls: config.tls.client.clone(),
         };
         let mut rx = stopped_rx.clone();
         let startup = if args.model_startup {
@@ -412,7 +443,8 @@ async fn main() -> anyhow::Result<()> {
                 ranks = args.world_size,
                 "serving routed experts"
             );
-            engine::cpu::ep::serve(listener, model, shutdown)
+            let tls = transport.server(Alpn::None)?;
+            engine::cpu::ep::serve(listener, model, tls, shutdown)
                 .await
                 .map_err(engine::Error::from)
         }

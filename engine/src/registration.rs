@@ -42,6 +42,8 @@ pub struct Registration {
     pub interval: Duration,
     /// Deadline of every registry and status call.
     pub timeout: Duration,
+    /// How the rank dials its own `Status` (its port's transport).
+    pub tls: proto::tls::ClientTls,
 }
 
 impl Registration {
@@ -75,13 +77,13 @@ impl Registration {
 
 /// The engine's own load and whether it is draining, through its `Status`
 /// RPC.
-async fn own_load(endpoint: &str, timeout: Duration) -> Option<(EngineLoad, bool)> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .ok()?
-        .timeout(timeout)
-        .connect()
-        .await
-        .ok()?;
+async fn own_load(
+    endpoint: &str,
+    timeout: Duration,
+    tls: &proto::tls::ClientTls,
+) -> Option<(EngineLoad, bool)> {
+    let channel = tls.endpoint(endpoint).ok()?.timeout(timeout);
+    let channel = tls.channel(&channel).await.ok()?;
     let status = EngineServiceClient::new(channel)
         .status(proto::pb::StatusRequest {})
         .await
@@ -260,7 +262,7 @@ pub async fn run(
                 published = formed;
             }
             _ = tick.tick(), if published.is_some() => {
-                if let Some((load, now_draining)) = own_load(&own_endpoint, reg.timeout).await {
+                if let Some((load, now_draining)) = own_load(&own_endpoint, reg.timeout, &reg.tls).await {
                     // A draining worker says so in its record, so frontends
                     // stop sending it work before it refuses any.
                     draining |= now_draining;

@@ -16,7 +16,6 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response as HttpResponse};
-use axum::serve::ListenerExt;
 use proto::pb;
 use proto::pb::engine_service_server::{self, EngineService, EngineServiceServer};
 use tokio::net::TcpListener;
@@ -95,7 +94,9 @@ impl Engine {
                 config.calibration,
                 config.time_scale,
             )),
-            BackendConfig::Cpu(options) => Arc::new(crate::cpu::CpuBackend::load(options)?),
+            BackendConfig::Cpu(options) => {
+                Arc::new(crate::cpu::CpuBackend::load(options, &config.tls.client)?)
+            }
         };
         let scheduler = Scheduler::spawn(Arc::clone(&backend), budgets, metrics.clone());
         Ok(Self {
@@ -191,6 +192,7 @@ impl Engine {
             handle,
             self.config.kv_chunk_bytes,
             &self.metrics.kv_received_bytes,
+            &self.config.tls.client,
         )
         .await?;
         let expected = self.backend.kv_bytes(handle.tokens);
@@ -450,8 +452,9 @@ fn openai_api(engine: &Arc<Engine>, metrics: &EngineMetrics) -> Result<axum::Rou
 /// worker drains or shuts down); gRPC reflection (v1); and `GET /metrics`,
 /// the registry `metrics` was registered into (see
 /// [`EngineMetrics::register`]) in the Prometheus text format; and the
-/// OpenAI API ([`openai::router`] over a [`LocalGenerator`]). gRPC (h2c)
-/// and HTTP/1.1 share the port.
+/// OpenAI API ([`openai::router`] over a [`LocalGenerator`]). gRPC (h2)
+/// and HTTP/1.1 share the port; with `config.tls.server` every connection
+/// is mutual TLS (ALPN `h2` or `http/1.1`), plaintext (h2c) otherwise.
 pub async fn serve(
     config: EngineConfig,
     listener: TcpListener,
@@ -460,8 +463,9 @@ pub async fn serve(
 ) -> Result<()> {
     let endpoint = match &config.advertise {
         Some(a) => a.clone(),
-        None => format!("http://{}", listener.local_addr()?),
+        None => format!("{}://{}", config.tls.scheme(), listener.local_addr()?),
     };
+    let incoming = Connections(proto::tls::incoming(listener, config.tls.server.clone()));
     let engine = Arc::new(Engine::new(config, endpoint, metrics.clone())?);
     let kv = Arc::clone(&engine.kv);
     let sweeper = tokio::spawn(async move {
@@ -491,18 +495,41 @@ pub async fn serve(
         shutdown.await;
         engine.draining.send_replace(true);
     };
-    let listener = listener.tap_io(|tcp| {
-        // Decode streams small messages; do not let Nagle hold them back.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
-    });
-    let served = axum::serve(listener, grpc.merge(http).fallback(unknown_path))
+    // `incoming` sets TCP_NODELAY: decode streams small messages.
+    let served = axum::serve(incoming, grpc.merge(http).fallback(unknown_path))
         .with_graceful_shutdown(shutdown)
         .await;
     sweeper.abort();
     reporter.abort();
     Ok(served?)
+}
+
+/// The port's connections (plaintext, or mutual TLS with the handshake
+/// done) as axum's listener.
+struct Connections(proto::tls::Incoming);
+
+impl axum::serve::Listener for Connections {
+    type Io = proto::tls::ServerIo;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.next_connection().await {
+                Some(io) => match io.peer_addr() {
+                    Ok(addr) => return (io, addr),
+                    Err(e) => tracing::debug!(error = %e, "connection gone before serving"),
+                },
+                // The accept task ends only with the listener; never serve again.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0
+            .local_addr()
+            .ok_or_else(|| std::io::Error::other("listener address unknown"))
+    }
 }
 
 /// Reports NOT_SERVING, for `EngineService` and the server as a whole, once

@@ -3,8 +3,9 @@
 //! API and its in-place generator), through the frontend's router (prefill
 //! worker -> KV transfer -> decode worker), and with the decode worker's
 //! routed experts sharded over EP = 1, 2 and 4 rank processes that find each
-//! other through a real etcd; the KV bytes that cross `PullKv` are exactly
-//! the model's KV accounting for the prompt.
+//! other through a real etcd, every link of that run (KV pull, expert
+//! dispatch, the test's own calls) over mutual TLS; the KV bytes that cross
+//! `PullKv` are exactly the model's KV accounting for the prompt.
 
 // Test helpers fail loudly: a panic is the test failing.
 #![allow(clippy::unwrap_used)]
@@ -23,7 +24,7 @@ use engine::frontend::{Router, RouterConfig};
 use engine::generate::{GenerateEvent, GenerateRequest, Generator, Sampling};
 use engine::openai::{Limits, LocalGenerator, Tokenizer};
 use engine::scheduler::Scheduler;
-use engine::{BackendConfig, CpuOptions, EngineConfig, EngineMetrics, Role};
+use engine::{BackendConfig, CpuOptions, EngineConfig, EngineMetrics, EngineTls, Role};
 use futures::StreamExt;
 use harness::process::ManagedProcess;
 use harness::{Etcd, wait_until};
@@ -35,6 +36,7 @@ use proto::pb;
 use proto::pb::engine_service_client::EngineServiceClient;
 use proto::records::{RankEndpoint, WorkerRecord, WorkerState};
 use proto::registry::Registry;
+use proto::tls::ClientTls;
 use proto::types::{Shape, WorkerId};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -78,6 +80,7 @@ fn cpu_config(role: Role, dir: &Path) -> EngineConfig {
 /// An in-process engine on loopback port 0.
 struct Worker {
     endpoint: String,
+    tls: ClientTls,
     metrics: EngineMetrics,
     _stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<engine::Result<()>>,
@@ -86,7 +89,12 @@ struct Worker {
 impl Worker {
     async fn start(config: EngineConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let endpoint = format!(
+            "{}://{}",
+            config.tls.scheme(),
+            listener.local_addr().unwrap()
+        );
+        let tls = config.tls.client.clone();
         let metrics = EngineMetrics::register(&prometheus::Registry::new()).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(engine::serve(
@@ -99,6 +107,7 @@ impl Worker {
         ));
         let w = Self {
             endpoint,
+            tls,
             metrics,
             _stop: stop,
             task,
@@ -108,7 +117,7 @@ impl Worker {
     }
 
     async fn client(&self) -> EngineServiceClient<tonic::transport::Channel> {
-        client(&self.endpoint).await
+        client(&self.endpoint, &self.tls).await
     }
 }
 
@@ -118,11 +127,12 @@ impl Drop for Worker {
     }
 }
 
-async fn client(endpoint: &str) -> EngineServiceClient<tonic::transport::Channel> {
+async fn client(endpoint: &str, tls: &ClientTls) -> EngineServiceClient<tonic::transport::Channel> {
     let deadline = tokio::time::Instant::now() + WAIT;
+    let endpoint_config = tls.endpoint(endpoint).unwrap();
     loop {
-        match EngineServiceClient::connect(endpoint.to_string()).await {
-            Ok(c) => return c,
+        match tls.channel(&endpoint_config).await {
+            Ok(c) => return EngineServiceClient::new(c),
             Err(e) if tokio::time::Instant::now() > deadline => panic!("{endpoint}: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
@@ -180,7 +190,8 @@ async fn aggregated(dir: &Path) -> Vec<Vec<u32>> {
     let BackendConfig::Cpu(options) = &config.backend else {
         unreachable!()
     };
-    let backend = Arc::new(CpuBackend::load(options).unwrap()) as Arc<dyn Backend>;
+    let backend =
+        Arc::new(CpuBackend::load(options, &ClientTls::plaintext()).unwrap()) as Arc<dyn Backend>;
     let scheduler = Scheduler::spawn(backend, budgets, EngineMetrics::unregistered().unwrap());
     let g = LocalGenerator::new(scheduler, budgets, MODEL, &Limits::for_context(2048));
     let mut out = Vec::new();
@@ -223,7 +234,7 @@ async fn aggregated_and_disaggregated_workers_give_identical_tokens() {
     // transfer -> decode worker.
     let prefill = Worker::start(cpu_config(Role::Prefill, dir.path())).await;
     let decode = Worker::start(cpu_config(Role::Decode, dir.path())).await;
-    let pool = Pool::new(Duration::from_secs(5));
+    let pool = Pool::new(Duration::from_secs(5), ClientTls::plaintext());
     pool.upsert(record(
         "prefill-0",
         proto::types::Role::Prefill,
@@ -285,8 +296,9 @@ async fn aggregated_and_disaggregated_workers_give_identical_tokens() {
 }
 
 /// A decode worker of `ranks` rank processes (rank 0 serves the worker;
-/// ranks 1.. serve their experts), registered in `etcd`.
+/// ranks 1.. serve their experts), registered in `etcd`, with `tls` flags.
 fn spawn_ranks(
+    tls: &[String],
     etcd: &Etcd,
     model: &Path,
     logs: &Path,
@@ -296,7 +308,8 @@ fn spawn_ranks(
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_rackscale-engine"));
     (0..ranks)
         .map(|rank| {
-            let args: Vec<String> = vec![
+            let mut args: Vec<String> = tls.to_vec();
+            args.extend([
                 "--role=decode".into(),
                 "--backend=cpu".into(),
                 format!("--model-dir={}", model.display()),
@@ -312,7 +325,7 @@ fn spawn_ranks(
                 format!("--worker={worker}"),
                 "--generation=1".into(),
                 "--lease-ttl-seconds=2".into(),
-            ];
+            ]);
             ManagedProcess::spawn(&format!("{worker}-rank{rank}"), &bin, &args, logs).unwrap()
         })
         .collect()
@@ -327,11 +340,17 @@ async fn decode_with_experts_over_1_2_and_4_rank_processes_gives_identical_token
         .await
         .unwrap();
     let logs = harness::workdir::Workdir::new("cpu-ep").unwrap();
-    let prefill = Worker::start(cpu_config(Role::Prefill, dir.path())).await;
+    // Every link of this run is mutual TLS under one CA.
+    let pki = harness::pki::Pki::create(&logs.path().join("pki"), "cpu-ep CA").unwrap();
+    let mut prefill_config = cpu_config(Role::Prefill, dir.path());
+    prefill_config.tls = EngineTls::from_transport(&pki.transport("prefill").unwrap()).unwrap();
+    let prefill = Worker::start(prefill_config).await;
+    let rank_tls = pki.args("decode").unwrap();
+    let test_tls = pki.transport("test").unwrap().client().unwrap();
     let per_token = ModelConfig::small(SEED).kv_bytes_per_token();
     for ranks in [1u32, 2, 4] {
         let worker = format!("decode-ep{ranks}");
-        let mut procs = spawn_ranks(&etcd, dir.path(), logs.path(), &worker, ranks);
+        let mut procs = spawn_ranks(&rank_tls, &etcd, dir.path(), logs.path(), &worker, ranks);
         // Rank 0 publishes the worker once every rank has registered.
         let id = WorkerId::new("llm", "tiny", &worker);
         let reg = registry.clone();
@@ -353,7 +372,8 @@ async fn decode_with_experts_over_1_2_and_4_rank_processes_gives_identical_token
             .unwrap()
             .unwrap();
         let endpoint = record.grpc_endpoint().unwrap().to_string();
-        let mut decode = client(&endpoint).await;
+        assert!(endpoint.starts_with("https://"), "{endpoint}");
+        let mut decode = client(&endpoint, &test_tls).await;
         for (i, (p, want)) in prompts().iter().zip(&expected).enumerate() {
             let request_id = format!("ep{ranks}-{i}");
             let kv = prefill

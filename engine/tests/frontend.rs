@@ -91,6 +91,7 @@ fn register(registry: &Registry, name: &str, role: Role, endpoint: &str) -> ones
         ttl: Duration::from_secs(2),
         interval: Duration::from_millis(200),
         timeout: T,
+        tls: proto::tls::ClientTls::plaintext(),
     };
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(registration::run(reg, endpoint.to_string(), async move {
@@ -121,7 +122,7 @@ async fn running(endpoint: &str) -> u32 {
 async fn router_follows_the_registry_retries_and_reports_lost_streams() {
     let etcd = Etcd::start().await.unwrap();
     let registry = Registry::new(etcd.client().await.unwrap());
-    let pool = Pool::new(T);
+    let pool = Pool::new(T, proto::tls::ClientTls::plaintext());
     pool.follow(registry.clone(), "llm", "dsv4");
     let mut config = RouterConfig::new(MODEL);
     config.token_timeout = Duration::from_secs(2);
@@ -139,6 +140,7 @@ async fn router_follows_the_registry_retries_and_reports_lost_streams() {
     // The decode worker is a real process, so that it can really die.
     let dir = harness::workdir::Workdir::new("frontend").unwrap();
     let args: Vec<String> = [
+        "--insecure-plaintext",
         "--role=decode",
         "--ep=8",
         "--sku=gb200",
@@ -286,6 +288,7 @@ async fn the_openai_sdk_talks_to_the_disaggregated_frontend() {
     let dir = harness::workdir::Workdir::new("frontend-sdk").unwrap();
     let port = harness::process::free_port().unwrap();
     let args: Vec<String> = [
+        "--insecure-plaintext",
         "--role=frontend",
         "--model=deepseek-v4-pro",
         &format!("--listen=127.0.0.1:{port}"),
@@ -383,7 +386,7 @@ async fn an_aggregated_pool_gets_whole_requests_forwarded() {
     let _dead = register(&registry, "both-a", Role::Both, &dead);
     let b = worker(&registry, "both-b", Role::Both, 1000.0).await;
     let c = worker(&registry, "both-c", Role::Both, 1000.0).await;
-    let pool = Pool::new(T);
+    let pool = Pool::new(T, proto::tls::ClientTls::plaintext());
     pool.follow(registry.clone(), "llm", "dsv4");
     wait_until("three workers in the pool", T, || {
         let pool = pool.clone();

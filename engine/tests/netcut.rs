@@ -158,6 +158,7 @@ async fn worker(
         ttl: Duration::from_secs(2),
         interval: Duration::from_millis(200),
         timeout: T,
+        tls: proto::tls::ClientTls::plaintext(),
     };
     let (registration, rx) = oneshot::channel::<()>();
     tokio::spawn(registration::run(reg, endpoint.clone(), async move {
@@ -206,7 +207,7 @@ async fn load(endpoint: &str) -> pb::EngineLoad {
 async fn a_stalled_kv_link_ends_the_request_clearly_and_heals() {
     let etcd = Etcd::start().await.unwrap();
     let registry = Registry::new(etcd.client().await.unwrap());
-    let pool = Pool::new(T);
+    let pool = Pool::new(T, proto::tls::ClientTls::plaintext());
     pool.follow(registry.clone(), "llm", "dsv4");
     let mut config = RouterConfig::new(MODEL);
     config.token_timeout = TOKEN_DEADLINE;

@@ -42,6 +42,7 @@ fn registration(registry: &Registry, rank: RankRecord) -> Registration {
         ttl: Duration::from_secs(2),
         interval: Duration::from_millis(200),
         timeout: T,
+        tls: proto::tls::ClientTls::plaintext(),
     }
 }
 

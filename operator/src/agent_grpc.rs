@@ -1,8 +1,9 @@
 //! [`AgentControl`] over the agents' gRPC `AgentService`.
 //!
 //! A worker runs one rank per node it is placed on (rank order = placement
-//! order); rank 0's agent hosts the worker's endpoint. Agents are found
-//! through an [`AgentDirectory`]: the etcd registry in a real deployment
+//! order); rank 0's agent hosts the worker's endpoint. Every channel goes
+//! through the operator's [`ClientTls`] (mutual TLS unless it runs
+//! `--insecure-plaintext`). Agents are found through an [`AgentDirectory`]: the etcd registry in a real deployment
 //! (agents keep a lease-bound record with their address), a fixed map in
 //! tests. Every call carries a deadline.
 //!
@@ -27,8 +28,9 @@ use proto::pb;
 use proto::pb::agent_service_client::AgentServiceClient;
 use proto::records::{AgentRecord, WorkerRecord};
 use proto::registry::WatchEvent;
+use proto::tls::ClientTls;
 use tokio::sync::{Mutex, mpsc};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::agent::{AgentControl, BoxFuture, WorkerLaunch, WorkerReport};
 use crate::crd::{Pool, WorkerState};
@@ -248,6 +250,7 @@ struct Wanted {
 #[derive(Clone)]
 pub struct GrpcAgents {
     directory: Arc<dyn AgentDirectory>,
+    tls: ClientTls,
     timeout: Duration,
     grace: Duration,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
@@ -262,10 +265,17 @@ impl std::fmt::Debug for GrpcAgents {
 }
 
 impl GrpcAgents {
-    /// `timeout` bounds every call; `grace` is what stopped ranks get.
-    pub fn new(directory: Arc<dyn AgentDirectory>, timeout: Duration, grace: Duration) -> Self {
+    /// Agents from `directory`, dialled through `tls`; `timeout` bounds
+    /// every call; `grace` is what stopped ranks get.
+    pub fn new(
+        directory: Arc<dyn AgentDirectory>,
+        tls: ClientTls,
+        timeout: Duration,
+        grace: Duration,
+    ) -> Self {
         Self {
             directory,
+            tls,
             timeout,
             grace,
             channels: Arc::new(Mutex::new(HashMap::new())),
@@ -276,11 +286,19 @@ impl GrpcAgents {
         if let Some(c) = self.channels.lock().await.get(address) {
             return Some(AgentServiceClient::new(c.clone()));
         }
-        let endpoint = Endpoint::from_shared(address.to_string())
+        let endpoint = self
+            .tls
+            .endpoint(address)
+            .inspect_err(|e| tracing::warn!(error = %e, %address, "unusable agent address"))
             .ok()?
             .timeout(self.timeout)
             .connect_timeout(self.timeout);
-        let channel = endpoint.connect().await.ok()?;
+        let channel = self
+            .tls
+            .channel(&endpoint)
+            .await
+            .inspect_err(|e| tracing::debug!(error = %e, %address, "agent unreachable"))
+            .ok()?;
         self.channels
             .lock()
             .await

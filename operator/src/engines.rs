@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use proto::pb;
 use proto::pb::engine_service_client::EngineServiceClient;
 use proto::registry::Registry;
+use proto::tls::ClientTls;
 use proto::types::WorkerId;
-use tonic::transport::Endpoint;
 
 use crate::agent::BoxFuture;
 use crate::rebalance::live::LoadSample;
@@ -54,6 +54,9 @@ pub trait EngineControl: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct GrpcEngines {
     pub registry: Registry,
+    /// The operator's transport to engines (mutual TLS, or plaintext for
+    /// local runs).
+    pub tls: ClientTls,
     /// Deadline of each registry read and of each Drain call (on top of its
     /// cancel delay).
     pub timeout: Duration,
@@ -103,16 +106,14 @@ impl GrpcEngines {
             return DrainState::Gone;
         };
         let wait = cancel_after.unwrap_or_default();
-        let channel = match Endpoint::from_shared(endpoint.to_string()) {
-            Ok(e) => match e
-                .connect_timeout(self.timeout)
-                .timeout(self.timeout + wait)
-                .connect()
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => return DrainState::Unreachable(format!("{endpoint}: {e}")),
-            },
+        let channel = match self.tls.endpoint(endpoint) {
+            Ok(e) => {
+                let e = e.connect_timeout(self.timeout).timeout(self.timeout + wait);
+                match self.tls.channel(&e).await {
+                    Ok(c) => c,
+                    Err(e) => return DrainState::Unreachable(format!("{endpoint}: {e}")),
+                }
+            }
             Err(e) => return DrainState::Unreachable(format!("{endpoint}: {e}")),
         };
         let request = pb::DrainRequest {

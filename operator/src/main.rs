@@ -27,6 +27,8 @@ use operator::inventory::AnnotationsOnly;
 use operator::leader::{LeaderConfig, LeaderElector};
 use operator::rebalancing::{Clock, Rebalancing};
 use operator::telemetry::{Health, Metrics, TelemetryState, serve, track_leadership};
+use proto::registry::{EtcdArgs, Registry};
+use proto::tls::{ClientTls, TlsArgs};
 use tokio::sync::watch;
 
 #[derive(Debug, Parser)]
@@ -102,6 +104,12 @@ struct RunArgs {
     /// in modelled time. 1 on real hardware.
     #[arg(long, env = "RACKSCALE_TIME_SCALE", default_value_t = 1.0)]
     time_scale: f64,
+    /// Mutual TLS of the calls to agents (and engines).
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// TLS and authentication to etcd.
+    #[command(flatten)]
+    etcd_security: EtcdArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -134,6 +142,12 @@ struct StandaloneArgs {
     /// Log as JSON lines.
     #[arg(long, env = "RACKSCALE_LOG_JSON")]
     log_json: bool,
+    /// Mutual TLS of the calls to agents (and engines).
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// TLS and authentication to etcd.
+    #[command(flatten)]
+    etcd_security: EtcdArgs,
 }
 
 fn check_time_scale(scale: f64) -> Result<()> {
@@ -146,12 +160,14 @@ fn check_time_scale(scale: f64) -> Result<()> {
 /// The live rebalancer over the registry's load reports and the engines'
 /// Drain.
 fn rebalancing(
-    registry: &proto::registry::Registry,
+    registry: &Registry,
+    tls: &ClientTls,
     timeout: Duration,
     time_scale: f64,
 ) -> Arc<Rebalancing> {
     let engines = Arc::new(GrpcEngines {
         registry: registry.clone(),
+        tls: tls.clone(),
         timeout,
     });
     Arc::new(Rebalancing::new(engines, Clock::new(time_scale)))
@@ -212,6 +228,9 @@ async fn shutdown_signal() {
 
 async fn run(args: RunArgs) -> Result<()> {
     init_tracing(args.log_json);
+    // Refuses a start without TLS files or --insecure-plaintext, and bad files.
+    let tls = args.tls.transport()?.client()?;
+    let etcd = args.etcd_security.security()?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -255,13 +274,18 @@ async fn run(args: RunArgs) -> Result<()> {
             tracing::warn!("no --etcd-endpoints: workers are placed but not launched");
             (Arc::new(PlacementOnly), None)
         } else {
-            let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
+            let registry = Registry::connect_with(&args.etcd_endpoints, &etcd, timeout)
                 .await
                 .context("connecting to the etcd registry")?;
-            let rebalancing = rebalancing(&registry, timeout, args.time_scale);
+            let rebalancing = rebalancing(&registry, &tls, timeout, args.time_scale);
             let directory = Arc::new(RegistryDirectory { registry, timeout });
             (
-                Arc::new(GrpcAgents::new(directory, timeout, Duration::from_secs(30))),
+                Arc::new(GrpcAgents::new(
+                    directory,
+                    tls,
+                    timeout,
+                    Duration::from_secs(30),
+                )),
                 Some(rebalancing),
             )
         };
@@ -331,23 +355,31 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     if args.resync_ms == 0 {
         bail!("--resync-ms must be positive");
     }
-    // Bad spec files fail before anything connects or binds.
+    // Bad spec files, missing or bad TLS settings fail before anything
+    // connects or binds.
     operator::standalone::specs::load(&args.specs)?;
+    let tls = args.tls.transport()?.client()?;
+    let etcd = args.etcd_security.security()?;
     let timeout = Duration::from_millis(args.call_timeout_ms);
     let metrics = Metrics::new().context("registering metrics")?;
     let health = Health::new(Duration::from_secs(60));
     health.set_not_ready("first reconcile pending");
     let board = operator::standalone::board::Board::default();
-    let registry = proto::registry::Registry::connect(&args.etcd_endpoints, timeout)
+    let registry = Registry::connect_with(&args.etcd_endpoints, &etcd, timeout)
         .await
         .context("connecting to the etcd registry")?;
     check_time_scale(args.time_scale)?;
-    let rebalancing = rebalancing(&registry, timeout, args.time_scale);
+    let rebalancing = rebalancing(&registry, &tls, timeout, args.time_scale);
     let directory = Arc::new(RegistryDirectory {
         registry: registry.clone(),
         timeout,
     });
-    let agents = Arc::new(GrpcAgents::new(directory, timeout, Duration::from_secs(30)));
+    let agents = Arc::new(GrpcAgents::new(
+        directory,
+        tls,
+        timeout,
+        Duration::from_secs(30),
+    ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move |mut rx: watch::Receiver<bool>| async move {

@@ -1,7 +1,8 @@
 //! The operator's gRPC `AgentControl` against real agents (in-process
 //! AgentService servers with simulated GPUs and `/bin/sh` standing in for
 //! the engine): a worker spanning two trays gets one rank per tray, reports
-//! Running, is relaunched idempotently, and is stopped on release.
+//! Running, is relaunched idempotently, and is stopped on release; the
+//! operator's calls to the agents run over mutual TLS under one CA.
 
 // Test helpers fail loudly: a panic is the test failing.
 #![allow(clippy::unwrap_used)]
@@ -20,15 +21,20 @@ use operator::agent_grpc::{GrpcAgents, StaticDirectory};
 use operator::crd::{NodeGpus, Pool, WorkerState};
 use proto::pb;
 use proto::pb::agent_service_client::AgentServiceClient;
+use proto::tls::{Alpn, ClientTls, Transport};
 use tokio::sync::oneshot;
 
 struct Agent {
     node: Node,
     address: String,
+    /// How the test itself reaches it.
+    client: ClientTls,
     _stop: oneshot::Sender<()>,
 }
 
-async fn agent(name: &str) -> Agent {
+/// An in-process agent serving over `transport`; the test dials it with
+/// `client`.
+async fn agent(name: &str, transport: &Transport, client: ClientTls) -> Agent {
     let config = SupervisorConfig {
         engine: EngineCommand {
             program: "/bin/sh".into(),
@@ -54,11 +60,16 @@ async fn agent(name: &str) -> Agent {
     };
     let node = Node::new(identity, &gpus, config, Metrics::new().unwrap()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
+    let address = format!(
+        "{}://{}",
+        transport.scheme(),
+        listener.local_addr().unwrap()
+    );
     let (stop, stopped) = oneshot::channel::<()>();
     let served = node.clone();
+    let tls = transport.server(Alpn::H2).unwrap();
     tokio::spawn(async move {
-        let _ = agent::service::serve(listener, served, async {
+        let _ = agent::service::serve(listener, served, tls, async {
             let _ = stopped.await;
         })
         .await;
@@ -66,6 +77,7 @@ async fn agent(name: &str) -> Agent {
     Agent {
         node,
         address,
+        client,
         _stop: stop,
     }
 }
@@ -75,18 +87,8 @@ fn states(reports: Vec<WorkerReport>) -> Vec<WorkerState> {
 }
 
 /// Running ranks on the agent at `address`: (worker, rank, GPUs).
-async fn placed_ranks(address: &str) -> Vec<(String, u32, Vec<u32>)> {
-    let mut client = AgentServiceClient::connect(address.to_string())
-        .await
-        .unwrap();
-    let list = client
-        .list_ranks(pb::ListRanksRequest {
-            namespace: "llm".into(),
-            deployment: "dsv4".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+async fn placed_ranks(address: &str, tls: &ClientTls) -> Vec<(String, u32, Vec<u32>)> {
+    let list = list_ranks(address, tls).await;
     list.ranks
         .iter()
         .filter(|r| r.phase == pb::RankPhase::Running as i32)
@@ -101,33 +103,47 @@ async fn placed_ranks(address: &str) -> Vec<(String, u32, Vec<u32>)> {
         .collect()
 }
 
-async fn running_ranks(address: &str) -> usize {
-    let mut client = AgentServiceClient::connect(address.to_string())
-        .await
-        .unwrap();
-    let list = client
-        .list_ranks(pb::ListRanksRequest {
-            namespace: "llm".into(),
-            deployment: "dsv4".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+async fn running_ranks(address: &str, tls: &ClientTls) -> usize {
+    let list = list_ranks(address, tls).await;
     list.ranks
         .iter()
         .filter(|r| r.phase == pb::RankPhase::Running as i32)
         .count()
 }
 
+async fn list_ranks(address: &str, tls: &ClientTls) -> pb::ListRanksResponse {
+    let channel = tls.channel(&tls.endpoint(address).unwrap()).await.unwrap();
+    AgentServiceClient::new(channel)
+        .list_ranks(pb::ListRanksRequest {
+            namespace: "llm".into(),
+            deployment: "dsv4".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 #[tokio::test]
 async fn workers_launch_one_rank_per_tray_and_stop_on_release() {
-    let (a, b) = (agent("tray-a").await, agent("tray-b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let pki = harness::pki::Pki::create(dir.path(), "operator test CA").unwrap();
+    let test_client = pki.transport("test").unwrap().client().unwrap();
+    let (a, b) = (
+        agent(
+            "tray-a",
+            &pki.transport("tray-a").unwrap(),
+            test_client.clone(),
+        )
+        .await,
+        agent("tray-b", &pki.transport("tray-b").unwrap(), test_client).await,
+    );
     let directory = StaticDirectory(BTreeMap::from([
         ("tray-a".to_string(), a.address.clone()),
         ("tray-b".to_string(), b.address.clone()),
     ]));
     let agents = GrpcAgents::new(
         Arc::new(directory),
+        pki.transport("operator").unwrap().client().unwrap(),
         Duration::from_secs(5),
         Duration::from_millis(200),
     );
@@ -179,8 +195,8 @@ async fn workers_launch_one_rank_per_tray_and_stop_on_release() {
     .unwrap();
     assert_eq!(
         (
-            running_ranks(&a.address).await,
-            running_ranks(&b.address).await
+            running_ranks(&a.address, &a.client).await,
+            running_ranks(&b.address, &b.client).await
         ),
         (1, 1)
     );
@@ -192,8 +208,8 @@ async fn workers_launch_one_rank_per_tray_and_stop_on_release() {
     );
     assert_eq!(
         (
-            running_ranks(&a.address).await,
-            running_ranks(&b.address).await
+            running_ranks(&a.address, &a.client).await,
+            running_ranks(&b.address, &b.client).await
         ),
         (1, 1)
     );
@@ -219,15 +235,15 @@ async fn workers_launch_one_rank_per_tray_and_stop_on_release() {
     .await
     .unwrap();
     assert_eq!(
-        placed_ranks(&a.address).await,
+        placed_ranks(&a.address, &a.client).await,
         vec![("decode-0".to_string(), 0, vec![0, 1, 2, 3])]
     );
-    assert!(placed_ranks(&b.address).await.is_empty());
+    assert!(placed_ranks(&b.address, &b.client).await.is_empty());
 
     agents.release("llm/dsv4").await;
     wait_until("ranks stopped", Duration::from_secs(10), || {
-        let (a, b) = (a.address.clone(), b.address.clone());
-        async move { Ok(running_ranks(&a).await + running_ranks(&b).await == 0) }
+        let (a, b, tls) = (a.address.clone(), b.address.clone(), a.client.clone());
+        async move { Ok(running_ranks(&a, &tls).await + running_ranks(&b, &tls).await == 0) }
     })
     .await
     .unwrap();
@@ -244,7 +260,7 @@ async fn with_the_registry_a_worker_runs_once_its_engine_registered() {
 
     let etcd = harness::Etcd::start().await.unwrap();
     let registry = Registry::new(etcd.client().await.unwrap());
-    let a = agent("tray-a").await;
+    let a = agent("tray-a", &Transport::Plaintext, ClientTls::plaintext()).await;
     let t = Duration::from_secs(5);
     let lease = registry
         .grant_lease(Duration::from_secs(30), t)
@@ -258,7 +274,12 @@ async fn with_the_registry_a_worker_runs_once_its_engine_registered() {
         registry: registry.clone(),
         timeout: t,
     };
-    let agents = GrpcAgents::new(Arc::new(directory), t, Duration::from_millis(200));
+    let agents = GrpcAgents::new(
+        Arc::new(directory),
+        ClientTls::plaintext(),
+        t,
+        Duration::from_millis(200),
+    );
     let worker = WorkerLaunch {
         deployment: "llm/dsv4".into(),
         worker: "prefill-0".into(),
@@ -276,8 +297,8 @@ async fn with_the_registry_a_worker_runs_once_its_engine_registered() {
     // The rank runs, but nothing registered: still launching.
     agents.ensure(std::slice::from_ref(&worker)).await;
     wait_until("rank running", Duration::from_secs(10), || {
-        let a = a.address.clone();
-        async move { Ok(running_ranks(&a).await == 1) }
+        let (a, tls) = (a.address.clone(), a.client.clone());
+        async move { Ok(running_ranks(&a, &tls).await == 1) }
     })
     .await
     .unwrap();

@@ -51,6 +51,7 @@ async fn applied_deployment_runs_engines_on_its_trays_and_becomes_ready() {
         engine_bin: &engine,
         time_scale: 100,
         lease_ttl_seconds: 3,
+        flags: &harness::pki::plaintext_flags(),
     };
     let agent_bin = sibling("rackscale-agent");
     let mut fleet = harness::fleet::spawn_agents(&topo, &agent_bin, &opts, dir.path()).unwrap();
@@ -66,8 +67,12 @@ async fn applied_deployment_runs_engines_on_its_trays_and_becomes_ready() {
     .await
     .unwrap();
     let agents: Vec<ManagedProcess> = fleet.into_iter().map(|a| a.process).collect();
-    let op_args =
-        harness::fleet::operator_args(cluster.kubeconfig_path(), &etcd, free_port().unwrap());
+    let op_args = harness::fleet::operator_args(
+        cluster.kubeconfig_path(),
+        &etcd,
+        free_port().unwrap(),
+        &harness::pki::plaintext_flags(),
+    );
     let _operator = ManagedProcess::spawn(
         "operator",
         Path::new(env!("CARGO_BIN_EXE_rackscale-operator")),

@@ -174,6 +174,7 @@ async fn whole_racks_run_recover_from_crashes_and_re_place_lost_trays() {
         engine_bin: &engine,
         time_scale: 100,
         lease_ttl_seconds: 2,
+        flags: &harness::pki::plaintext_flags(),
     };
     let agent_bin = sibling("rackscale-agent");
     let mut fleet = harness::fleet::spawn_agents(&topo, &agent_bin, &opts, dir.path()).unwrap();
@@ -194,8 +195,12 @@ async fn whole_racks_run_recover_from_crashes_and_re_place_lost_trays() {
         .map(|(i, a)| (a.node.clone(), i))
         .collect();
     let mut agents: Vec<ManagedProcess> = fleet.into_iter().map(|a| a.process).collect();
-    let op_args =
-        harness::fleet::operator_args(cluster.kubeconfig_path(), &etcd, free_port().unwrap());
+    let op_args = harness::fleet::operator_args(
+        cluster.kubeconfig_path(),
+        &etcd,
+        free_port().unwrap(),
+        &harness::pki::plaintext_flags(),
+    );
     let _operator = ManagedProcess::spawn(
         "operator",
         Path::new(env!("CARGO_BIN_EXE_rackscale-operator")),

@@ -34,6 +34,7 @@ fn start_operator(cluster: &Cluster, dir: &Path, name: &str) -> Operator {
     let metrics_port = free_port().unwrap();
     let args: Vec<String> = [
         "run",
+        "--insecure-plaintext",
         "--kubeconfig",
         &cluster.kubeconfig_path().display().to_string(),
         "--lease-namespace",

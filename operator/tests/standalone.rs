@@ -101,6 +101,7 @@ async fn a_deployment_from_a_file_becomes_ready_and_recovers_a_lost_tray() {
         engine_bin: &engine,
         time_scale: 100,
         lease_ttl_seconds: 3,
+        flags: &harness::pki::plaintext_flags(),
     };
     let agent_bin = sibling("rackscale-agent");
     let mut fleet = harness::fleet::spawn_agents(&topo, &agent_bin, &opts, dir.path()).unwrap();
@@ -122,6 +123,7 @@ async fn a_deployment_from_a_file_becomes_ready_and_recovers_a_lost_tray() {
     let port = free_port().unwrap();
     let args: Vec<String> = [
         "standalone",
+        "--insecure-plaintext",
         "--specs",
         &specs.display().to_string(),
         "--etcd-endpoints",
@@ -204,4 +206,33 @@ async fn an_invalid_spec_file_is_refused_with_the_rule_that_it_breaks() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("worse.yaml (document 1): not YAML"), "{err}");
+}
+
+#[tokio::test]
+async fn without_tls_files_or_the_plaintext_flag_the_operator_refuses_to_start() {
+    let dir = Workdir::new("standalone-no-tls").unwrap();
+    let file = dir.path().join("small.yaml");
+    std::fs::write(&file, SPEC).unwrap();
+    for mode in [
+        vec!["standalone", "--specs", file.to_str().unwrap()],
+        vec!["run"],
+    ] {
+        let out = tokio::process::Command::new(OPERATOR)
+            .args(&mode)
+            .args(["--etcd-endpoints", "http://127.0.0.1:9"])
+            .env_remove("RACKSCALE_INSECURE_PLAINTEXT")
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{mode:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for want in [
+            "--tls-ca",
+            "--tls-cert",
+            "--tls-key",
+            "--insecure-plaintext",
+        ] {
+            assert!(err.contains(want), "{mode:?}: {want} not named: {err}");
+        }
+    }
 }

@@ -3,7 +3,8 @@
 //! Two families: *validation* errors (a message or registry value is
 //! malformed: permanent, retrying the same bytes cannot help) and *registry*
 //! errors (etcd unreachable, a call past its deadline, a lost lease:
-//! transient, retry with backoff). [`Error::category`] gives a bounded label
+//! transient, retry with backoff), plus *TLS* settings that do not load
+//! (permanent) and gRPC channels that do not open (transient). [`Error::category`] gives a bounded label
 //! for metrics; messages may carry keys and field names but never values.
 
 use std::time::Duration;
@@ -81,6 +82,18 @@ pub enum Error {
     /// A lease argument is unusable (e.g. a TTL under one second).
     #[error("invalid lease: {0}")]
     InvalidLease(String),
+    /// TLS or etcd-auth settings are unusable: missing or bad files, flags
+    /// that contradict each other. Permanent until the settings change.
+    #[error("{0}")]
+    Tls(String),
+    /// A gRPC channel could not be opened (refused, handshake failed).
+    #[error("connecting to {endpoint}: {reason}")]
+    Connect {
+        /// The endpoint dialled.
+        endpoint: String,
+        /// Why, with its causes.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -95,6 +108,8 @@ impl Error {
             Self::Timeout { .. } => "timeout",
             Self::WatchBroken { .. } => "watch_broken",
             Self::InvalidLease(_) => "invalid_lease",
+            Self::Tls(_) => "tls",
+            Self::Connect { .. } => "connect",
         }
     }
 
@@ -102,8 +117,15 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Etcd { .. } | Self::Timeout { .. } | Self::WatchBroken { .. }
+            Self::Etcd { .. }
+                | Self::Timeout { .. }
+                | Self::WatchBroken { .. }
+                | Self::Connect { .. }
         )
+    }
+
+    pub(crate) fn tls(reason: impl Into<String>) -> Self {
+        Self::Tls(reason.into())
     }
 
     pub(crate) fn missing(message: &'static str, field: &'static str) -> Self {

@@ -7,11 +7,15 @@
 //! ([`registry`]). Generated code lives in [`pb`] and is meant for the thin
 //! edges that serve or call gRPC; decision logic uses the domain types in
 //! [`types`] and [`records`], converted with `From`/`TryFrom`, which validate
-//! what the wire cannot (required fields, enum values, shapes).
+//! what the wire cannot (required fields, enum values, shapes). [`tls`]
+//! secures every link: mutual TLS for gRPC and the engines' other streams,
+//! built through one client type so that no link is left plaintext by
+//! accident.
 
 pub mod error;
 pub mod records;
 pub mod registry;
+pub mod tls;
 pub mod types;
 
 pub use error::{Error, Result};

@@ -6,14 +6,17 @@
 //! built only through these functions so that writers and watchers agree;
 //! values are the records of [`crate::records`]. The client lives in
 //! [`Registry`] (calls with deadlines), [`KeepAlive`] (lease renewal and loss)
-//! and [`Watcher`] (typed, resuming watches).
+//! and [`Watcher`] (typed, resuming watches); [`security`] holds how it
+//! authenticates to etcd (TLS, a user).
 
 mod client;
 mod lease;
+pub mod security;
 mod watch;
 
 pub use client::{Listing, Registry};
 pub use lease::{KeepAlive, Lease, LeaseLoss, LeaseState};
+pub use security::{EtcdArgs, EtcdSecurity};
 pub use watch::{WatchEvent, Watcher};
 
 use crate::types::WorkerId;

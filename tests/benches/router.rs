@@ -22,6 +22,13 @@
 //!   direct. (Over two workers each would run half the batch, which lowers
 //!   e2e more than a router adds.)
 //!
+//! With `--tls` two more deployments (`pool-tls`, `solo-tls`) run the same
+//! workers and our frontend with every link between them over mutual TLS
+//! (a CA made for the run; the frontend's pass-through dials the workers
+//! with its certificate, ALPN http/1.1), a fourth target in the same
+//! rounds: the cost of TLS is that row against the plaintext frontend's.
+//! vllm-router cannot present a client certificate, so it has no TLS row.
+//!
 //! Each of `--rounds K` rounds runs every target once per load, starting one
 //! target later than the round before; figures are medians over rounds.
 //! Targets: the frontend's saturated requests/s at least vllm-router's, and
@@ -34,7 +41,7 @@
 //! vllm-router), or `cargo bench -p rackscale-tests --bench router --
 //! --engine PATH --rackscale PATH --vllm-router PATH [--workers N]
 //! [--concurrency C] [--requests N] [--rate R] [--duration S] [--rounds K]
-//! [--policy P] [--isl N] [--osl N]`.
+//! [--policy P] [--isl N] [--osl N] [--tls]`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -67,6 +74,7 @@ struct Params {
     rate: f64,
     duration: f64,
     rounds: usize,
+    tls: bool,
 }
 
 fn parse_params() -> Result<Params> {
@@ -83,11 +91,16 @@ fn parse_params() -> Result<Params> {
         rate: 500.0,
         duration: 15.0,
         rounds: 3,
+        tls: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         // `cargo bench` passes `--bench` to every bench binary.
         if arg == "--bench" {
+            continue;
+        }
+        if arg == "--tls" {
+            p.tls = true;
             continue;
         }
         let value = args
@@ -110,7 +123,7 @@ fn parse_params() -> Result<Params> {
             other => bail!(
                 "unknown argument {other}; usage: --engine PATH --rackscale PATH --vllm-router PATH \
                  [--policy P] [--workers N] [--isl N] [--osl N] [--concurrency C] [--requests N] \
-                 [--rate R] [--duration S] [--rounds K]"
+                 [--rate R] [--duration S] [--rounds K] [--tls]"
             ),
         }
     }
@@ -448,6 +461,23 @@ fn report(p: &Params, targets: &[Target]) -> (String, bool) {
             peer.fixed(|r| r.e2e_p99) - direct.fixed(|r| r.e2e_p99)
         ),
     );
+    if let Some(tls) = targets.get(3) {
+        line(
+            &mut out,
+            format!(
+                "- mTLS between frontend and workers: req/s at saturation {:.0} vs {:.0} plaintext \
+                 (ratio {:.2}); added e2e p50 / p99 at {} req/s {:+.2} / {:+.2} ms vs {:+.2} / {:+.2} ms plaintext",
+                tls.rps(),
+                ours.rps(),
+                tls.rps() / ours.rps(),
+                p.rate,
+                tls.fixed(|r| r.e2e_p50) - direct.fixed(|r| r.e2e_p50),
+                tls.fixed(|r| r.e2e_p99) - direct.fixed(|r| r.e2e_p99),
+                ours.fixed(|r| r.e2e_p50) - direct.fixed(|r| r.e2e_p50),
+                added_p99,
+            ),
+        );
+    }
     let broken = targets.iter().any(|t| t.failed() > 0);
     if broken {
         for t in targets {
@@ -467,12 +497,20 @@ fn report(p: &Params, targets: &[Target]) -> (String, bool) {
     (out, broken)
 }
 
-/// Workers of one deployment with both routers in front of them.
+/// Workers of one deployment with both routers in front of them (only our
+/// frontend over mutual TLS).
 #[derive(Debug)]
 struct Deployment {
     workers: Vec<String>,
     frontend: String,
-    peer: String,
+    peer: Option<String>,
+}
+
+/// The transport flags of a deployment's workers and frontend; `None`:
+/// plaintext, workers straight on their HTTP port, vllm-router too.
+struct Mtls {
+    worker: Vec<String>,
+    frontend: Vec<String>,
 }
 
 /// Starts `count` aggregated workers registered as `deployment`, our
@@ -484,14 +522,33 @@ async fn deploy(
     dir: &Path,
     deployment: &str,
     count: u32,
+    mtls: Option<&Mtls>,
     processes: &mut Vec<ManagedProcess>,
 ) -> Result<Deployment> {
     let registry = Registry::new(etcd.client().await?);
     let mut workers = Vec::new();
     for i in 0..count {
         let name = format!("{deployment}-{i}");
+        if let Some(mtls) = mtls {
+            // Their port takes TLS only: no plain /ready to poll, so they
+            // bind port 0 (no race) and count as up once registered.
+            let mut args = mtls.worker.clone();
+            args.extend(strings(&[
+                "--role=both",
+                "--time-scale=1000000",
+                "--listen=127.0.0.1:0",
+                &format!("--etcd-endpoints={}", etcd.endpoint()),
+                &format!("--namespace={NAMESPACE}"),
+                &format!("--deployment={deployment}"),
+                &format!("--worker={name}"),
+            ]));
+            processes.push(ManagedProcess::spawn(&name, &p.engine, &args, dir)?);
+            workers.push(String::new());
+            continue;
+        }
         let (process, addr) = start(&name, &p.engine, dir, "/ready", |port| {
             strings(&[
+                "--insecure-plaintext",
                 "--role=both",
                 "--time-scale=1000000",
                 &format!("--listen=127.0.0.1:{port}"),
@@ -518,17 +575,31 @@ async fn deploy(
     .await?;
     // The frontend's watch starts with a resync of the registered workers.
     let name = format!("{deployment}-frontend");
+    let transport = mtls.map_or_else(harness::pki::plaintext_flags, |m| m.frontend.clone());
     let (process, frontend) = start(&name, &p.engine, dir, "/ready", |port| {
-        strings(&[
+        let mut args = transport.clone();
+        args.extend(strings(&[
             "--role=frontend",
             &format!("--listen=127.0.0.1:{port}"),
             &format!("--etcd-endpoints={}", etcd.endpoint()),
             &format!("--namespace={NAMESPACE}"),
             &format!("--deployment={deployment}"),
-        ])
+        ]));
+        args
     })
     .await?;
     processes.push(process);
+    if mtls.is_some() {
+        wait_until(format!("{frontend} lists the model"), READY, || async {
+            Ok(http_status(&frontend, "/v1/models").await? == 200)
+        })
+        .await?;
+        return Ok(Deployment {
+            workers,
+            frontend,
+            peer: None,
+        });
+    }
     let name = format!("{deployment}-vllm-router");
     let (process, peer) = start(&name, &p.vllm_router, dir, "/health", |port| {
         let mut args = strings(&[
@@ -560,7 +631,7 @@ async fn deploy(
     Ok(Deployment {
         workers,
         frontend,
-        peer,
+        peer: Some(peer),
     })
 }
 
@@ -574,8 +645,17 @@ async fn main() -> Result<()> {
     // router in front of one worker, the one the direct baseline uses, so
     // the worker's batch (and its timer-paced decode steps) is the same with
     // and without a router.
-    let pool = deploy(&p, &etcd, dir.path(), "pool", p.workers, &mut processes).await?;
-    let solo = deploy(&p, &etcd, dir.path(), "solo", 1, &mut processes).await?;
+    let pool = deploy(
+        &p,
+        &etcd,
+        dir.path(),
+        "pool",
+        p.workers,
+        None,
+        &mut processes,
+    )
+    .await?;
+    let solo = deploy(&p, &etcd, dir.path(), "solo", 1, None, &mut processes).await?;
     let peer_version = version_of(&p.vllm_router);
     let mut targets = vec![
         Target {
@@ -592,11 +672,44 @@ async fn main() -> Result<()> {
         },
         Target {
             label: format!("vllm-router {peer_version} ({})", p.policy),
-            saturation_addr: pool.peer,
-            fixed_addr: solo.peer,
+            saturation_addr: pool.peer.context("the plaintext pool has vllm-router")?,
+            fixed_addr: solo.peer.context("the plaintext solo has vllm-router")?,
             ..Target::default()
         },
     ];
+    if p.tls {
+        let pki = harness::pki::Pki::create(&dir.path().join("pki"), "router bench CA")?;
+        let mtls = Mtls {
+            worker: pki.args("worker")?,
+            frontend: pki.args("frontend")?,
+        };
+        let pool = deploy(
+            &p,
+            &etcd,
+            dir.path(),
+            "pool-tls",
+            p.workers,
+            Some(&mtls),
+            &mut processes,
+        )
+        .await?;
+        let solo = deploy(
+            &p,
+            &etcd,
+            dir.path(),
+            "solo-tls",
+            1,
+            Some(&mtls),
+            &mut processes,
+        )
+        .await?;
+        targets.push(Target {
+            label: "rackscale frontend, mTLS to the workers".into(),
+            saturation_addr: pool.frontend,
+            fixed_addr: solo.frontend,
+            ..Target::default()
+        });
+    }
     // Each round runs every target once per load, starting one target
     // later than the round before, so drift on a shared machine and the
     // position in a round fall on every target alike.

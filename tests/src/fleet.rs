@@ -1,7 +1,9 @@
 //! Command lines for a simulated fleet: one `rackscale-agent` per tray of a
 //! [`RackSpec`], each launching `rackscale-engine` ranks (simulated backend)
 //! that register in etcd. Shared by `local-rack` and the end-to-end tests so
-//! both start agents the same way.
+//! both start agents the same way. Every command line carries the gRPC
+//! transport explicitly: TLS flags (one certificate for every agent, as the
+//! chart's DaemonSet has; ranks inherit it) or `--insecure-plaintext`.
 
 use crate::topology::{RackSpec, Sku};
 
@@ -16,6 +18,10 @@ pub struct AgentOptions<'a> {
     pub time_scale: u32,
     /// Lease TTL of agents and engines, seconds.
     pub lease_ttl_seconds: u32,
+    /// Flags put first on every agent's command line: its transport
+    /// ([`crate::pki::Pki::args`] or [`crate::pki::plaintext_flags`]) and
+    /// whatever else a test needs (e.g. `--engine-arg=--model-startup`).
+    pub flags: &'a [String],
 }
 
 /// Arguments of the agent for `node` of `rack`, listening on `port`.
@@ -25,7 +31,8 @@ pub fn agent_args(rack: &RackSpec, node: &str, port: u16, opts: &AgentOptions<'_
         Sku::Gb200 => ("gb200", "NVIDIA-GB200", "196608"),
     };
     let ttl = opts.lease_ttl_seconds.to_string();
-    vec![
+    let mut args = opts.flags.to_vec();
+    args.extend([
         "--node".into(),
         node.into(),
         "--listen".into(),
@@ -50,7 +57,8 @@ pub fn agent_args(rack: &RackSpec, node: &str, port: u16, opts: &AgentOptions<'_
         format!("--engine-arg=--node={node}"),
         format!("--engine-arg=--etcd-endpoints={}", opts.etcd),
         format!("--engine-arg=--lease-ttl-seconds={ttl}"),
-    ]
+    ]);
+    args
 }
 
 /// One started agent: its node, process and how it was started.
@@ -134,9 +142,15 @@ pub async fn wait_registered(
 }
 
 /// `rackscale-operator run` arguments against `kubeconfig`, with the
-/// registry at `etcd` and metrics on `metrics_port`.
-pub fn operator_args(kubeconfig: &std::path::Path, etcd: &str, metrics_port: u16) -> Vec<String> {
-    [
+/// registry at `etcd`, metrics on `metrics_port` and the transport flags
+/// `tls`.
+pub fn operator_args(
+    kubeconfig: &std::path::Path,
+    etcd: &str,
+    metrics_port: u16,
+    tls: &[String],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
         "run",
         "--kubeconfig",
         &kubeconfig.display().to_string(),
@@ -149,5 +163,7 @@ pub fn operator_args(kubeconfig: &std::path::Path, etcd: &str, metrics_port: u16
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    args.extend(tls.iter().cloned());
+    args
 }

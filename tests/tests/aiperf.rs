@@ -244,6 +244,7 @@ async fn aiperf_and_bench_agree_on_the_disaggregated_frontend() {
     let dir = Workdir::new("aiperf").unwrap();
 
     let common: Vec<String> = vec![
+        "--insecure-plaintext".into(),
         format!("--etcd-endpoints={}", etcd.endpoint()),
         "--namespace=llm".into(),
         "--deployment=dsv4".into(),

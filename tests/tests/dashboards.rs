@@ -146,6 +146,7 @@ async fn start_frontend(etcd: &str, dir: &Path) -> Result<(ManagedProcess, Strin
     harness::process::start_with_retries("the frontend", || async {
         let addr = format!("127.0.0.1:{}", free_port()?);
         let args = vec![
+            "--insecure-plaintext".to_owned(),
             "--role=frontend".to_owned(),
             format!("--listen={addr}"),
             "--namespace=default".to_owned(),
@@ -213,13 +214,18 @@ async fn every_dashboard_query_returns_series_from_a_loaded_rack() {
         engine_bin: &engine,
         time_scale: 20,
         lease_ttl_seconds: 3,
+        flags: &harness::pki::plaintext_flags(),
     };
     let agents = Agents::start(&topo, &opts, &registry, dir.path())
         .await
         .unwrap();
     let operator_port = free_port().unwrap();
-    let operator_args =
-        harness::fleet::operator_args(cluster.kubeconfig_path(), &etcd, operator_port);
+    let operator_args = harness::fleet::operator_args(
+        cluster.kubeconfig_path(),
+        &etcd,
+        operator_port,
+        &harness::pki::plaintext_flags(),
+    );
     let _operator = ManagedProcess::spawn(
         "operator",
         &sibling("rackscale-operator"),

@@ -4,14 +4,20 @@
 //!    monitors render only where `monitoring.coreos.com/v1` is served, with
 //!    the configured `release` label; the dashboards ship as labelled
 //!    ConfigMaps identical to `deploy/grafana/`; bad values fail with a
-//!    message naming the value.
-//! 2. Every rendered manifest (CRDs, RBAC, workloads, monitors, the test
-//!    hook) passes a server-side dry-run against a real kube-apiserver.
+//!    message naming the value; the gRPC certificates are wired the three
+//!    ways (Helm-generated CA, cert-manager where `cert-manager.io/v1` is
+//!    served, an existing Secret) and plaintext only with TLS disabled.
+//! 2. Every rendered manifest (CRDs, RBAC, workloads, monitors, TLS Secrets
+//!    or cert-manager objects, the test hook) passes a server-side dry-run
+//!    against a real kube-apiserver, with TLS on (both sources) and off.
 //! 3. `helm install` into that apiserver succeeds, and the operator, run as
 //!    a process whose kubeconfig impersonates the chart's ServiceAccount,
-//!    reconciles a deployment to Ready with real agents and engines, while
-//!    what the chart does not grant (Secrets, Pods, deleting Nodes) stays
-//!    forbidden.
+//!    reconciles a deployment to Ready with real agents and engines, every
+//!    gRPC link over mutual TLS with the certificates the chart generated
+//!    (read back from its Secrets, checked against the server name the
+//!    chart sets), while what the chart does not grant (Secrets, Pods,
+//!    deleting Nodes) stays forbidden; `helm upgrade` keeps the
+//!    certificates.
 //!
 //! Needs helm, kube-apiserver, kubectl and etcd from `scripts/setup.sh`, and
 //! the `rackscale-agent` / `rackscale-engine` / `rackscale-operator`
@@ -43,6 +49,12 @@ const MONITORING_CRDS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/fixtures/monitoring.coreos.com-crds.yaml"
 );
+const CERT_MANAGER_CRDS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/fixtures/cert-manager.io-crds.yaml"
+);
+/// The server name the chart's certificates carry and its clients check.
+const SERVER_NAME: &str = "rs-rackscale-agent.rackscale-system.svc";
 const DASHBOARDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana");
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -210,8 +222,286 @@ async fn chart_lints_renders_and_gates_monitors_on_the_prometheus_operator_api()
     assert!(err.contains("frontend.deployment"), "{err}");
     let err = template_error(&helm, &["--set", "etcd.enabled=false"]).await;
     assert!(err.contains("etcd.externalEndpoints"), "{err}");
-    let err = template_error(&helm, &["--set", "grpc.tls.enabled=true"]).await;
-    assert!(err.contains("do not serve"), "{err}");
+    let err = template_error(&helm, &["--set", "etcd.client.auth.username=rackscale"]).await;
+    assert!(err.contains("passwordSecret"), "{err}");
+    let err = template_error(&helm, &["--set", "grpc.tls.certManager.enabled=true"]).await;
+    assert!(err.contains("cert-manager.io/v1"), "{err}");
+
+    tls_is_wired_every_way(&helm, &plain).await;
+}
+
+/// The container of the only pod template of `workload`.
+fn container(workload: &Value) -> &Value {
+    &workload["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn args(workload: &Value) -> Vec<String> {
+    container(workload)["args"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// The operator, agent and frontend workloads of a rendering.
+fn workloads(docs: &[Value]) -> Vec<&Value> {
+    let mut w: Vec<&Value> = of_kind(docs, "Deployment");
+    w.extend(of_kind(docs, "DaemonSet"));
+    assert_eq!(w.len(), 3, "operator, frontend, agent");
+    w
+}
+
+fn secret_volume(workload: &Value) -> Option<String> {
+    workload["spec"]["template"]["spec"]["volumes"]
+        .as_array()?
+        .iter()
+        .find(|v| v["name"] == "tls")
+        .map(|v| v["secret"]["secretName"].as_str().unwrap().to_string())
+}
+
+/// TLS on by default with a Helm-generated CA (`plain` is the default
+/// rendering with the frontend), cert-manager where it is served, an
+/// existing Secret, plaintext only when disabled, and etcd client security.
+async fn tls_is_wired_every_way(helm: &Helm, plain: &[Value]) {
+    // Default: a CA and one certificate per component, each mounted by its
+    // component with the flags pointing at it and the server name.
+    let secrets = of_kind(plain, "Secret");
+    let names: Vec<&str> = secrets
+        .iter()
+        .map(|s| s["metadata"]["name"].as_str().unwrap())
+        .collect();
+    for want in [
+        "rs-rackscale-tls-ca",
+        "rs-rackscale-agent-tls",
+        "rs-rackscale-operator-tls",
+        "rs-rackscale-frontend-tls",
+        "rs-rackscale-etcd-tls",
+    ] {
+        assert!(names.contains(&want), "no Secret {want}: {names:?}");
+    }
+    // The chart's etcd serves TLS and wants the components' certificates.
+    let etcd_args = args(of_kind(plain, "StatefulSet")[0]);
+    assert!(
+        etcd_args.contains(&"--client-cert-auth=true".to_string()),
+        "{etcd_args:?}"
+    );
+    assert!(etcd_args.contains(&"--listen-client-urls=https://0.0.0.0:2379".to_string()));
+    for s in &secrets {
+        assert_eq!(s["type"], "kubernetes.io/tls");
+        if s["metadata"]["name"] != "rs-rackscale-tls-ca" {
+            for key in ["ca.crt", "tls.crt", "tls.key"] {
+                assert!(s["data"][key].is_string(), "{key} missing in {s}");
+            }
+        }
+    }
+    for w in workloads(plain) {
+        let name = w["metadata"]["name"].as_str().unwrap();
+        let a = args(w);
+        assert!(
+            a.contains(&"--tls-ca=/etc/rackscale/tls/ca.crt".to_string()),
+            "{name}: {a:?}"
+        );
+        assert!(
+            a.contains(&format!("--tls-server-name={SERVER_NAME}")),
+            "{name}: {a:?}"
+        );
+        assert!(
+            a.contains(&"--etcd-cert=/etc/rackscale/tls/tls.crt".to_string()),
+            "{name}: {a:?}"
+        );
+        assert!(
+            !a.contains(&"--insecure-plaintext".to_string()),
+            "{name}: {a:?}"
+        );
+        assert_eq!(secret_volume(w), Some(format!("{name}-tls")), "{name}");
+    }
+    let agent = of_kind(plain, "DaemonSet")[0];
+    let probe = &container(agent)["livenessProbe"];
+    assert!(
+        probe["tcpSocket"].is_object(),
+        "the kubelet's gRPC probe speaks no TLS: {probe}"
+    );
+    assert!(of_kind(plain, "Certificate").is_empty());
+
+    // cert-manager: the chart's CA (self-signed Issuer, CA Certificate, CA
+    // Issuer) and a Certificate per component, Secrets left to it.
+    let mut cm = FRONTEND.to_vec();
+    cm.extend_from_slice(&["--api-versions", "cert-manager.io/v1"]);
+    let docs = template(helm, &cm).await;
+    assert!(of_kind(&docs, "Secret").is_empty());
+    assert_eq!(of_kind(&docs, "Issuer").len(), 2);
+    let certs = of_kind(&docs, "Certificate");
+    assert_eq!(certs.len(), 5, "the CA, three components and etcd");
+    let agent_cert = certs
+        .iter()
+        .find(|c| c["metadata"]["name"] == "rs-rackscale-agent")
+        .unwrap();
+    assert_eq!(agent_cert["spec"]["secretName"], "rs-rackscale-agent-tls");
+    assert!(
+        agent_cert["spec"]["dnsNames"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(SERVER_NAME))
+    );
+    let usages = agent_cert["spec"]["usages"].as_array().unwrap();
+    assert!(usages.contains(&json!("server auth")) && usages.contains(&json!("client auth")));
+    for w in workloads(&docs) {
+        let name = w["metadata"]["name"].as_str().unwrap();
+        assert_eq!(secret_volume(w), Some(format!("{name}-tls")));
+    }
+    // ... or an issuer of the user's PKI: no chart CA.
+    cm.extend_from_slice(&[
+        "--set",
+        "grpc.tls.certManager.issuerRef.name=corp-ca",
+        "--set",
+        "grpc.tls.certManager.issuerRef.kind=ClusterIssuer",
+    ]);
+    let docs = template(helm, &cm).await;
+    assert!(of_kind(&docs, "Issuer").is_empty());
+    for c in of_kind(&docs, "Certificate") {
+        assert_eq!(c["spec"]["issuerRef"]["name"], "corp-ca");
+        assert_eq!(c["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+    }
+    // cert-manager switched off although served: Helm's CA.
+    let mut helm_ca = FRONTEND.to_vec();
+    helm_ca.extend_from_slice(&[
+        "--api-versions",
+        "cert-manager.io/v1",
+        "--set",
+        "grpc.tls.certManager.enabled=false",
+    ]);
+    let docs = template(helm, &helm_ca).await;
+    assert!(of_kind(&docs, "Certificate").is_empty());
+    assert_eq!(of_kind(&docs, "Secret").len(), 5);
+
+    // An existing Secret: mounted by everyone, nothing generated.
+    let mut existing = FRONTEND.to_vec();
+    existing.extend_from_slice(&["--set", "grpc.tls.secretName=my-tls"]);
+    let docs = template(helm, &existing).await;
+    assert!(of_kind(&docs, "Secret").is_empty());
+    // An existing Secret carries no etcd names: the chart's etcd stays plain.
+    let etcd_args = args(of_kind(&docs, "StatefulSet")[0]);
+    assert!(!etcd_args.contains(&"--client-cert-auth=true".to_string()));
+    for w in workloads(&docs) {
+        assert_eq!(secret_volume(w).as_deref(), Some("my-tls"));
+    }
+
+    // Disabled: no certificates, and plaintext said explicitly.
+    let mut off = FRONTEND.to_vec();
+    off.extend_from_slice(&["--set", "grpc.tls.enabled=false"]);
+    let docs = template(helm, &off).await;
+    assert!(of_kind(&docs, "Secret").is_empty());
+    for w in workloads(&docs) {
+        let a = args(w);
+        assert!(a.contains(&"--insecure-plaintext".to_string()), "{a:?}");
+        assert!(!a.iter().any(|x| x.starts_with("--tls-")), "{a:?}");
+        assert_eq!(secret_volume(w), None);
+    }
+    let agent = of_kind(&docs, "DaemonSet")[0];
+    assert!(container(agent)["livenessProbe"]["grpc"].is_object());
+
+    // etcd client TLS and user: flags and the mounted files.
+    let mut etcd = FRONTEND.to_vec();
+    etcd.extend_from_slice(&[
+        "--set",
+        "etcd.enabled=false",
+        "--set",
+        "etcd.externalEndpoints={https://etcd.infra:2379}",
+        "--set",
+        "etcd.client.tls.secretName=etcd-client",
+        "--set",
+        "etcd.client.auth.username=rackscale",
+        "--set",
+        "etcd.client.auth.passwordSecret.name=etcd-password",
+    ]);
+    let docs = template(helm, &etcd).await;
+    for w in workloads(&docs) {
+        let a = args(w);
+        for flag in [
+            "--etcd-ca=/etc/rackscale/etcd-tls/ca.crt",
+            "--etcd-cert=/etc/rackscale/etcd-tls/tls.crt",
+            "--etcd-username=rackscale",
+            "--etcd-password-file=/etc/rackscale/etcd-auth/password",
+        ] {
+            assert!(a.contains(&flag.to_string()), "{flag} not in {a:?}");
+        }
+        let volumes = w["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v["secret"]["secretName"] == "etcd-client")
+        );
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v["secret"]["secretName"] == "etcd-password")
+        );
+    }
+}
+
+/// The rendered Secret `name`'s files, decoded, written into `dir/name/`.
+fn write_secret(docs: &[Value], name: &str, dir: &Path) -> proto::tls::TlsFiles {
+    let doc = of_kind(docs, "Secret")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no Secret {name}"));
+    let secret: Secret = serde_json::from_value(doc.clone()).unwrap();
+    let data = secret.data.unwrap();
+    let mount = dir.join(name);
+    std::fs::create_dir_all(&mount).unwrap();
+    for key in ["ca.crt", "tls.crt", "tls.key"] {
+        std::fs::write(mount.join(key), &data[key].0).unwrap();
+    }
+    proto::tls::TlsFiles {
+        ca: mount.join("ca.crt"),
+        cert: mount.join("tls.crt"),
+        key: mount.join("tls.key"),
+    }
+}
+
+/// The chart's etcd certificate in a real etcd with `--client-cert-auth`:
+/// the registry client connects with a component's certificate, as the
+/// chart's flags have it (by the Service name), and is refused without one.
+#[tokio::test]
+async fn the_charts_etcd_certificate_serves_the_components_certificates() {
+    let helm = Helm::new().unwrap();
+    let docs = template(&helm, &[]).await;
+    let dir = Workdir::new("helm-etcd-tls").unwrap();
+    let server = write_secret(&docs, "rs-rackscale-etcd-tls", dir.path());
+    let agent = write_secret(&docs, "rs-rackscale-agent-tls", dir.path());
+    let operator = write_secret(&docs, "rs-rackscale-operator-tls", dir.path());
+    let name = format!("rs-rackscale-etcd.{NS}.svc");
+    let etcd = harness::Etcd::start_with(Some(harness::etcd::EtcdTls {
+        server,
+        client: agent.clone(),
+        client_cert_auth: true,
+        server_name: Some(name.clone()),
+    }))
+    .await
+    .unwrap();
+    let security = |files: &proto::tls::TlsFiles, identity: bool| proto::registry::EtcdSecurity {
+        tls: Some(proto::registry::security::EtcdTls {
+            ca: files.ca.clone(),
+            identity: identity.then(|| (files.cert.clone(), files.key.clone())),
+            server_name: Some(name.clone()),
+        }),
+        user: None,
+    };
+    let t = Duration::from_secs(5);
+    let endpoints = [etcd.endpoint().to_owned()];
+    for files in [&agent, &operator] {
+        let registry =
+            proto::registry::Registry::connect_with(&endpoints, &security(files, true), t)
+                .await
+                .unwrap();
+        registry.list_agents(t).await.unwrap();
+    }
+    let anonymous =
+        proto::registry::Registry::connect_with(&endpoints, &security(&agent, false), t).await;
+    let refused = match anonymous {
+        Err(_) => true,
+        Ok(r) => r.list_agents(t).await.is_err(),
+    };
+    assert!(refused, "etcd served a client without a certificate");
 }
 
 /// `kubectl` of `cluster` with `args`, its output; a failure panics with it.
@@ -246,15 +536,31 @@ async fn every_rendered_manifest_passes_a_server_side_dry_run() {
     let cluster = Cluster::start().await.unwrap();
     let client = cluster.client();
     let dir = Workdir::new("helm-dry-run").unwrap();
-    let names =
-        harness::apply_crds_yaml(&client, &std::fs::read_to_string(MONITORING_CRDS).unwrap())
+    for fixture in [MONITORING_CRDS, CERT_MANAGER_CRDS] {
+        let names = harness::apply_crds_yaml(&client, &std::fs::read_to_string(fixture).unwrap())
             .await
             .unwrap();
-    for name in &names {
-        wait_crd_established(&client, name).await.unwrap();
+        for name in &names {
+            wait_crd_established(&client, name).await.unwrap();
+        }
     }
     create_namespace(&client, NS).await;
+    // TLS from Helm's CA (the default), from cert-manager, and off.
+    for (tls, kinds) in [
+        (&[][..], &["Secret"][..]),
+        (
+            &["--api-versions", "cert-manager.io/v1"][..],
+            &["Issuer", "Certificate"][..],
+        ),
+        (&["--set", "grpc.tls.enabled=false"][..], &[][..]),
+    ] {
+        dry_run(&cluster, &dir, tls, kinds).await;
+    }
+}
 
+/// `helm template` with `extra` values, applied with a server-side dry run;
+/// every object must be accepted, and objects of `kinds` rendered.
+async fn dry_run(cluster: &Cluster, dir: &Workdir, extra: &[&str], kinds: &[&str]) {
     let helm = Helm::new().unwrap();
     let chart = chart();
     let mut args = vec![
@@ -268,12 +574,13 @@ async fn every_rendered_manifest_passes_a_server_side_dry_run() {
         "monitoring.coreos.com/v1",
     ];
     args.extend_from_slice(&FRONTEND);
+    args.extend_from_slice(extra);
     let rendered = helm.run(&args).await.unwrap();
     let docs = documents(&rendered).unwrap();
     let file = dir.path().join("rendered.yaml");
     std::fs::write(&file, &rendered).unwrap();
     let out = kubectl(
-        &cluster,
+        cluster,
         &[
             "apply",
             "--server-side",
@@ -305,7 +612,10 @@ async fn every_rendered_manifest_passes_a_server_side_dry_run() {
         "ServiceMonitor",
         "ConfigMap",
         "Pod",
-    ] {
+    ]
+    .iter()
+    .chain(kinds)
+    {
         assert!(!of_kind(&docs, kind).is_empty(), "no {kind} was rendered");
     }
 }
@@ -395,6 +705,27 @@ async fn installed_chart_rbac_lets_the_operator_reconcile_and_nothing_more() {
     for crd in ["modeldeployments.rackscale.io", "racks.rackscale.io"] {
         wait_crd_established(&client, crd).await.unwrap();
     }
+
+    // The certificates Helm generated, as the pods would mount them; an
+    // upgrade keeps them (the chart reads them back).
+    let agent_tls = chart_certificate(&client, "rs-rackscale-agent-tls", dir.path()).await;
+    let operator_tls = chart_certificate(&client, "rs-rackscale-operator-tls", dir.path()).await;
+    let before = secret_data(&client, "rs-rackscale-agent-tls").await;
+    helm.run(&[
+        "upgrade",
+        RELEASE,
+        chart.as_str(),
+        "--namespace",
+        NS,
+        "--reuse-values",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        secret_data(&client, "rs-rackscale-agent-tls").await,
+        before,
+        "helm upgrade rotated the agent's certificate"
+    );
 
     // The operator's identity: the chart's ServiceAccount, impersonated.
     let sa = "rs-rackscale-operator";
@@ -486,6 +817,7 @@ async fn installed_chart_rbac_lets_the_operator_reconcile_and_nothing_more() {
         engine_bin: &engine,
         time_scale: 100,
         lease_ttl_seconds: 3,
+        flags: &agent_tls,
     };
     let agent_bin = sibling("rackscale-agent");
     let mut fleet = harness::fleet::spawn_agents(&topo, &agent_bin, &opts, dir.path()).unwrap();
@@ -501,7 +833,7 @@ async fn installed_chart_rbac_lets_the_operator_reconcile_and_nothing_more() {
     .await
     .unwrap();
     let metrics_port = free_port().unwrap().to_string();
-    let operator_args: Vec<String> = [
+    let mut operator_args: Vec<String> = [
         "run",
         "--kubeconfig",
         kubeconfig.to_str().unwrap(),
@@ -519,6 +851,7 @@ async fn installed_chart_rbac_lets_the_operator_reconcile_and_nothing_more() {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    operator_args.extend(operator_tls);
     let operator = ManagedProcess::spawn(
         "operator",
         &sibling("rackscale-operator"),
@@ -568,4 +901,62 @@ async fn installed_chart_rbac_lets_the_operator_reconcile_and_nothing_more() {
         !log.to_lowercase().contains("forbidden"),
         "the operator was refused something:\n{log}"
     );
+    // ...and every agent served it over mutual TLS with the chart's certificate.
+    for a in &fleet {
+        let text = plain_text(&std::fs::read_to_string(a.process.log_path()).unwrap_or_default());
+        assert!(
+            text.contains("serving AgentService") && text.contains("tls=true"),
+            "{text}"
+        );
+        assert!(!text.contains("handshake refused"), "{text}");
+    }
+}
+
+/// `text` without its ANSI colour sequences (`ESC [ ... m`).
+fn plain_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The data of Secret `name` in the release namespace.
+async fn secret_data(client: &kube::Client, name: &str) -> Value {
+    let secret = Api::<Secret>::namespaced(client.clone(), NS)
+        .get(name)
+        .await
+        .unwrap();
+    serde_json::to_value(secret.data).unwrap()
+}
+
+/// The chart's certificate Secret `name` written under `dir` as a pod
+/// mounts it, and the flags a process would get from the chart.
+async fn chart_certificate(client: &kube::Client, name: &str, dir: &Path) -> Vec<String> {
+    let secret = Api::<Secret>::namespaced(client.clone(), NS)
+        .get(name)
+        .await
+        .unwrap();
+    let data = secret.data.unwrap();
+    let mount = dir.join(name);
+    std::fs::create_dir_all(&mount).unwrap();
+    for key in ["ca.crt", "tls.crt", "tls.key"] {
+        std::fs::write(mount.join(key), &data[key].0).unwrap();
+    }
+    let mut flags = harness::pki::flags(&proto::tls::TlsFiles {
+        ca: mount.join("ca.crt"),
+        cert: mount.join("tls.crt"),
+        key: mount.join("tls.key"),
+    });
+    flags.push(format!("--tls-server-name={SERVER_NAME}"));
+    flags
 }

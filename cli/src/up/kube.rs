@@ -51,8 +51,12 @@ pub fn start_operator(
         .as_ref()
         .context("kube-apiserver is not running")?;
     let port = free_port()?;
-    let mut args =
-        harness::fleet::operator_args(cluster.kubeconfig_path(), &rack.etcd_endpoint()?, port);
+    let mut args = harness::fleet::operator_args(
+        cluster.kubeconfig_path(),
+        &rack.etcd_endpoint()?,
+        port,
+        &rack.transport.operator,
+    );
     args.push(format!("--time-scale={time_scale}"));
     rack.operator = Some(ManagedProcess::spawn(
         "rackscale-operator",

@@ -10,6 +10,10 @@
 //! instead, with the operator in Kubernetes mode, so `kubectl get md,racks`
 //! works; progress, frontends, bench and summary are the same code.
 //!
+//! Every gRPC link (operator -> agents, frontend -> engines, KV transfer,
+//! expert ranks) is mutual TLS under a CA made for the run, unless
+//! `--insecure-plaintext` (see [`rack::Transport`]).
+//!
 //! Whatever happens (Ctrl-C, an error, the end) every process is stopped
 //! in order; see [`rack::LocalRack::stop`].
 
@@ -87,6 +91,18 @@ pub struct UpArgs {
     /// CRDs to install with --kube.
     #[arg(long, default_value = "deploy/crds")]
     crds: PathBuf,
+    /// Run every gRPC link in plaintext instead of mutual TLS under a CA
+    /// made for the run (quicker to poke at with grpcurl).
+    #[arg(
+        long,
+        env = proto::tls::env::INSECURE_PLAINTEXT,
+        value_parser = clap::builder::BoolishValueParser::new(),
+        num_args = 0..=1,
+        require_equals = true,
+        default_value = "false",
+        default_missing_value = "true"
+    )]
+    insecure_plaintext: bool,
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
@@ -114,7 +130,15 @@ async fn up(args: UpArgs) -> Result<()> {
     std::fs::create_dir_all(&args.log_dir)
         .with_context(|| format!("creating {}", args.log_dir.display()))?;
     let logs = std::fs::canonicalize(&args.log_dir)?;
-    let mut rack = LocalRack::default();
+    let transport = if args.insecure_plaintext {
+        rack::Transport::plaintext()
+    } else {
+        rack::Transport::mtls(&logs.join("pki"))?
+    };
+    let mut rack = LocalRack {
+        transport,
+        ..LocalRack::default()
+    };
     let outcome = tokio::select! {
         r = bring_up(&args, &bins, &topology, &specs, &logs, &mut rack) => r,
         _ = tokio::signal::ctrl_c() => {
@@ -380,6 +404,13 @@ fn print_where(rack: &LocalRack, logs: &Path) -> Result<()> {
         );
     }
     println!("  etcd registry     {}", rack.etcd_endpoint()?);
+    match &rack.transport.ca {
+        Some(ca) => println!(
+            "  gRPC links        mutual TLS, CA {} (certificates beside it)",
+            ca.display()
+        ),
+        None => println!("  gRPC links        plaintext (--insecure-plaintext)"),
+    }
     println!("  logs              {}", logs.display());
     println!();
     Ok(())

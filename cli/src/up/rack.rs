@@ -4,6 +4,12 @@
 //! `--role frontend` engine per deployment, all on loopback, each logging to
 //! `<log dir>/<name>.log`.
 //!
+//! Every gRPC link of the rack is mutual TLS by default: [`Transport::mtls`]
+//! creates one CA for the run (in `<log dir>/pki/`) and one certificate per
+//! component, as the Helm chart issues them: the agents' (which their engine
+//! ranks inherit), the operator's and the frontends'. `--insecure-plaintext`
+//! starts every process with that flag instead.
+//!
 //! Invariant: [`LocalRack::stop`] leaves no process behind. The order
 //! matters: with `--kube` the deployments are deleted first (the operator's
 //! finalizer releases them); frontends next, then the operator (SIGTERM: it releases every
@@ -82,6 +88,43 @@ fn alive(p: &mut ManagedProcess) -> Result<()> {
     }
 }
 
+/// The transport flags of each kind of process in the rack.
+#[derive(Debug, Clone, Default)]
+pub struct Transport {
+    /// Agents (and, through them, every engine rank).
+    pub agent: Vec<String>,
+    /// The operator.
+    pub operator: Vec<String>,
+    /// The frontends.
+    pub frontend: Vec<String>,
+    /// The CA certificate, when the rack runs mutual TLS.
+    pub ca: Option<PathBuf>,
+}
+
+impl Transport {
+    /// A fresh CA in `dir` and one certificate per component.
+    pub fn mtls(dir: &Path) -> Result<Self> {
+        let pki = harness::pki::Pki::create(dir, "rackscale up CA")?;
+        Ok(Self {
+            agent: pki.args("rackscale-agent")?,
+            operator: pki.args("rackscale-operator")?,
+            frontend: pki.args("rackscale-frontend")?,
+            ca: Some(pki.ca_path().to_path_buf()),
+        })
+    }
+
+    /// Every process with `--insecure-plaintext`.
+    pub fn plaintext() -> Self {
+        let flags = harness::pki::plaintext_flags();
+        Self {
+            agent: flags.clone(),
+            operator: flags.clone(),
+            frontend: flags,
+            ca: None,
+        }
+    }
+}
+
 /// A frontend serving one deployment.
 #[derive(Debug)]
 pub struct Frontend {
@@ -94,6 +137,8 @@ pub struct Frontend {
 /// Everything started so far; [`LocalRack::stop`] stops it in order.
 #[derive(Debug, Default)]
 pub struct LocalRack {
+    /// How the rack's gRPC links are secured.
+    pub transport: Transport,
     pub etcd: Option<Etcd>,
     /// kube-apiserver and its etcd (`--kube`), instead of `etcd`.
     pub cluster: Option<harness::Cluster>,
@@ -130,6 +175,7 @@ impl LocalRack {
             engine_bin: &engine,
             time_scale,
             lease_ttl_seconds: 10,
+            flags: &self.transport.agent,
         };
         let mut fleet = harness::fleet::spawn_agents(topology, &bins.agent, &opts, logs)?;
         let registry =
@@ -160,7 +206,7 @@ impl LocalRack {
         logs: &Path,
     ) -> Result<()> {
         let port = free_port()?;
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "standalone".into(),
             "--specs".into(),
             specs.display().to_string(),
@@ -170,6 +216,7 @@ impl LocalRack {
             format!("127.0.0.1:{port}"),
             format!("--time-scale={time_scale}"),
         ];
+        args.extend(self.transport.operator.iter().cloned());
         self.operator = Some(ManagedProcess::spawn(
             "rackscale-operator",
             &bins.operator,
@@ -192,7 +239,8 @@ impl LocalRack {
         logs: &Path,
     ) -> Result<u16> {
         let port = free_port()?;
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = self.transport.frontend.clone();
+        args.extend([
             "--role=frontend".into(),
             format!("--model={profile}"),
             format!("--listen=127.0.0.1:{port}"),
@@ -200,7 +248,7 @@ impl LocalRack {
             format!("--namespace={namespace}"),
             format!("--deployment={name}"),
             format!("--backend={backend}"),
-        ];
+        ]);
         let process =
             ManagedProcess::spawn(&format!("frontend-{name}"), &bins.engine, &args, logs)?;
         self.frontends.push(Frontend {

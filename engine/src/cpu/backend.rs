@@ -46,8 +46,9 @@ impl std::fmt::Debug for CpuBackend {
 
 impl CpuBackend {
     /// Loads the model from `options.model_dir`, holding rank 0's share of
-    /// the experts when `options.ep_peers` names other ranks.
-    pub fn load(options: &CpuOptions) -> CpuResult<Self> {
+    /// the experts when `options.ep_peers` names other ranks (dialled
+    /// through `tls`).
+    pub fn load(options: &CpuOptions, tls: &proto::tls::ClientTls) -> CpuResult<Self> {
         let ranks = options.ep_peers.len() + 1;
         let shard = ExpertShard { rank: 0, ranks };
         let weights = Weights::load(&options.model_dir, shard)?;
@@ -55,7 +56,11 @@ impl CpuBackend {
         let experts: Box<dyn Experts + Send + Sync> = if ranks == 1 {
             Box::new(Local(Arc::clone(&model)))
         } else {
-            Box::new(ep::Dispatcher::new(Arc::clone(&model), &options.ep_peers)?)
+            Box::new(ep::Dispatcher::new(
+                Arc::clone(&model),
+                &options.ep_peers,
+                tls,
+            )?)
         };
         Ok(Self {
             model,

@@ -17,6 +17,11 @@
 //!   batch: value count (u32) and the f32 values; error: length (u32) and
 //!   UTF-8 text.
 //!
+//! Links are mutual TLS unless the process runs `--insecure-plaintext`:
+//! rank 0 dials through its [`ClientTls`] (synchronously: a rustls stream
+//! over a blocking socket), ranks > 0 accept through their [`ServerTls`],
+//! the handshake done before the first request is read.
+//!
 //! Invariants: an expert's output depends only on its input rows and
 //! weights, never on which rank computed it, and rows travel as exact f32
 //! bits, so every EP width gives bit-identical results. A failed exchange
@@ -24,9 +29,10 @@
 
 use std::future::Future;
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::TcpStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use proto::tls::{BlockingClientStream, BlockingServerStream, ClientTls, ServerTls};
 
 use super::model::{ExpertBatch, Experts, Model};
 use super::weights::ExpertShard;
@@ -169,11 +175,12 @@ pub fn read_reply(r: &mut impl Read) -> std::io::Result<Result<Vec<Vec<f32>>, St
 struct Peer {
     rank: usize,
     addr: String,
-    conn: Mutex<Option<TcpStream>>,
+    tls: ClientTls,
+    conn: Mutex<Option<BlockingClientStream>>,
 }
 
 impl Peer {
-    fn lock(&self) -> MutexGuard<'_, Option<TcpStream>> {
+    fn lock(&self) -> MutexGuard<'_, Option<BlockingClientStream>> {
         // A panic mid-exchange leaves at worst a stale stream, which the
         // next exchange's error drops.
         self.conn
@@ -188,19 +195,13 @@ impl Peer {
         }
     }
 
-    /// Connects, retrying while the peer may still be starting.
-    fn connect(&self) -> CpuResult<TcpStream> {
+    /// Connects (TCP_NODELAY, [`IO_TIMEOUT`] on every read and write, the
+    /// TLS handshake done), retrying while the peer may still be starting.
+    fn connect(&self) -> CpuResult<BlockingClientStream> {
         let deadline = Instant::now() + CONNECT_PATIENCE;
         loop {
-            match TcpStream::connect(&self.addr) {
-                Ok(s) => {
-                    s.set_nodelay(true).map_err(|e| self.error(e))?;
-                    s.set_read_timeout(Some(IO_TIMEOUT))
-                        .map_err(|e| self.error(e))?;
-                    s.set_write_timeout(Some(IO_TIMEOUT))
-                        .map_err(|e| self.error(e))?;
-                    return Ok(s);
-                }
+            match self.tls.dial_blocking(&self.addr, IO_TIMEOUT) {
+                Ok(s) => return Ok(s),
                 Err(e) if Instant::now() >= deadline => return Err(self.error(e)),
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
@@ -216,9 +217,10 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// Dispatches to `peers` (`host:port` of ranks 1.., in rank order);
-    /// `model` must hold rank 0's shard of `peers.len() + 1`.
-    pub fn new(model: Arc<Model>, peers: &[String]) -> CpuResult<Self> {
+    /// Dispatches to `peers` (`host:port` of ranks 1.., in rank order)
+    /// dialled through `tls`; `model` must hold rank 0's shard of
+    /// `peers.len() + 1`.
+    pub fn new(model: Arc<Model>, peers: &[String], tls: &ClientTls) -> CpuResult<Self> {
         let want = ExpertShard {
             rank: 0,
             ranks: peers.len() + 1,
@@ -236,7 +238,11 @@ impl Dispatcher {
                 .enumerate()
                 .map(|(i, addr)| Peer {
                     rank: i + 1,
-                    addr: addr.trim_start_matches("http://").to_string(),
+                    addr: addr
+                        .trim_start_matches("https://")
+                        .trim_start_matches("http://")
+                        .to_string(),
+                    tls: tls.clone(),
                     conn: Mutex::new(None),
                 })
                 .collect(),
@@ -341,28 +347,31 @@ impl Experts for Dispatcher {
     }
 }
 
-/// Answers one connection's dispatch requests until it closes.
-fn answer(stream: TcpStream, model: &Model) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
+/// Answers one connection's dispatch requests until it closes. Requests
+/// and replies alternate, so one buffered reader serves the connection and
+/// each reply is written (and flushed) through it.
+fn answer(stream: BlockingServerStream, model: &Model) -> std::io::Result<()> {
     let hidden = model.config().hidden_size;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = BufWriter::new(stream);
+    let mut io = BufReader::new(stream);
     loop {
-        let (layer, batches) = match read_request(&mut reader, hidden) {
+        let (layer, batches) = match read_request(&mut io, hidden) {
             Ok(req) => req,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         };
         let reply = model.run_local(layer, batches).map_err(|e| e.to_string());
-        write_reply(&mut writer, &reply)?;
+        write_reply(&mut BufWriter::new(io.get_mut()), &reply)?;
     }
 }
 
 /// Serves rank `model.shard().rank`'s experts on `listener` until
-/// `shutdown` resolves; each connection is answered on a blocking thread.
+/// `shutdown` resolves, through `tls` when given (a client without a
+/// certificate of the CA is dropped before it is read); each connection
+/// is answered on a blocking thread.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     model: Arc<Model>,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
@@ -373,8 +382,19 @@ pub async fn serve(
         };
         let stream = stream.into_std()?;
         stream.set_nonblocking(false)?;
-        let model = Arc::clone(&model);
+        stream.set_nodelay(true)?;
+        let (model, tls) = (Arc::clone(&model), tls.clone());
         tokio::task::spawn_blocking(move || {
+            let stream = match &tls {
+                None => BlockingServerStream::Plain(stream),
+                Some(tls) => match tls.accept_blocking(stream, IO_TIMEOUT) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "expert link: TLS handshake refused");
+                        return;
+                    }
+                },
+            };
             if let Err(e) = answer(stream, &model) {
                 tracing::warn!(%peer, error = %e, "expert dispatch connection failed");
             }
@@ -443,13 +463,14 @@ mod tests {
                     .expect("bind");
                 peers.push(listener.local_addr().expect("addr").to_string());
                 let mut stopped = stopped.clone();
-                tokio::spawn(serve(listener, model, async move {
+                tokio::spawn(serve(listener, model, None, async move {
                     let _ = stopped.wait_for(|s| *s).await;
                 }));
             }
             let shard = ExpertShard { rank: 0, ranks };
             let model = Arc::new(Model::new(&weights, shard).expect("rank 0"));
-            let d = Dispatcher::new(Arc::clone(&model), &peers).expect("dispatcher");
+            let d = Dispatcher::new(Arc::clone(&model), &peers, &ClientTls::plaintext())
+                .expect("dispatcher");
             let p = prompt.clone();
             let got = tokio::task::spawn_blocking(move || greedy(&d, &model, &p))
                 .await

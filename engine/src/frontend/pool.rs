@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use proto::pb::engine_service_client::EngineServiceClient;
 use proto::records::{LoadReport, WorkerRecord, WorkerState};
 use proto::registry::{Registry, WatchEvent};
+use proto::tls::ClientTls;
 use proto::types::EngineLoad;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::select::Candidate;
 
@@ -33,13 +34,11 @@ pub struct Member {
 }
 
 impl Member {
-    fn new(record: WorkerRecord, call_timeout: Duration) -> Option<Self> {
+    fn new(record: WorkerRecord, call_timeout: Duration, tls: &ClientTls) -> Option<Self> {
         let endpoint = record.grpc_endpoint()?.to_string();
-        let channel = Endpoint::from_shared(endpoint)
-            .ok()?
-            .connect_timeout(call_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
+        // The connector sets TCP_NODELAY (decode streams small messages).
+        let endpoint = tls.endpoint(&endpoint).ok()?.connect_timeout(call_timeout);
+        let channel = tls.channel_lazy(&endpoint);
         Some(Self {
             record,
             channel,
@@ -121,19 +120,28 @@ impl Drop for Outstanding {
 }
 
 /// The deployment's workers, by name.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Pool {
     members: Arc<RwLock<BTreeMap<String, Arc<Member>>>>,
     call_timeout: Duration,
+    tls: ClientTls,
 }
 
 impl Pool {
-    /// An empty pool whose channels connect within `call_timeout`.
-    pub fn new(call_timeout: Duration) -> Self {
+    /// An empty pool whose channels connect within `call_timeout` through
+    /// `tls` (mutual TLS unless the frontend runs plaintext).
+    pub fn new(call_timeout: Duration, tls: ClientTls) -> Self {
         Self {
             members: Arc::default(),
             call_timeout,
+            tls,
         }
+    }
+
+    /// How this pool dials its workers (the pass-through proxy dials the
+    /// same way).
+    pub fn tls(&self) -> &ClientTls {
+        &self.tls
     }
 
     /// Adds or replaces a worker (a new endpoint or generation replaces the
@@ -144,7 +152,7 @@ impl Pool {
         if members.get(&name).is_some_and(|m| m.record == record) {
             return;
         }
-        match Member::new(record, self.call_timeout) {
+        match Member::new(record, self.call_timeout, &self.tls) {
             Some(m) => {
                 tracing::info!(worker = %name, endpoint = ?m.record.grpc_endpoint(), "worker joined");
                 members.insert(name, Arc::new(m));
@@ -303,7 +311,7 @@ mod tests {
 
     #[tokio::test]
     async fn members_follow_records_and_keep_their_accounting() {
-        let pool = Pool::new(Duration::from_secs(1));
+        let pool = Pool::new(Duration::from_secs(1), ClientTls::plaintext());
         let mut w = fixtures::worker("llm", "dsv4", "decode-0");
         pool.upsert(w.clone());
         let (members, _) = pool.snapshot();

@@ -155,7 +155,10 @@ mod tests {
     // Members open lazy gRPC channels, which need a runtime.
     #[tokio::test]
     async fn exports_each_workers_gpus_and_last_load() {
-        let pool = Pool::new(std::time::Duration::from_secs(1));
+        let pool = Pool::new(
+            std::time::Duration::from_secs(1),
+            proto::tls::ClientTls::plaintext(),
+        );
         let mut decode = fixtures::worker("llm", "dsv4", "decode-0");
         decode.role = Role::Decode;
         decode.shape = Shape { tp: 1, ep: 8 };

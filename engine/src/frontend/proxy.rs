@@ -30,8 +30,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use proto::tls::{Alpn, Connector};
 use tokio::time::{Instant, Sleep};
 
 use super::{Router, select};
@@ -55,7 +55,7 @@ const HOP_BY_HOP: [header::HeaderName; 8] = [
 #[derive(Debug, Clone)]
 pub struct Proxy {
     router: Router,
-    client: Client<HttpConnector, Body>,
+    client: Client<Connector, Body>,
     metrics: OpenAiMetrics,
     max_body_bytes: usize,
 }
@@ -64,10 +64,14 @@ impl Proxy {
     /// A proxy over `router`'s pool, admission and timeouts, counting
     /// requests in `metrics` and reading bodies up to `max_body_bytes`.
     pub fn new(router: Router, metrics: OpenAiMetrics, max_body_bytes: usize) -> Self {
-        let mut connector = HttpConnector::new();
-        // SSE chunks are small: Nagle would hold them back.
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(router.config.prefill_timeout));
+        // Through the pool's transport (mutual TLS, ALPN http/1.1, unless
+        // the frontend runs plaintext); it sets TCP_NODELAY, as SSE chunks
+        // are small and Nagle would hold them back.
+        let connector = router
+            .pool()
+            .tls()
+            .connector(Alpn::Http1)
+            .with_connect_timeout(router.config.prefill_timeout);
         Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
             router,

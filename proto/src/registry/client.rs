@@ -10,6 +10,7 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions, GetOptions, PutOptions};
 
 use super::lease::{KeepAlive, Lease};
+use super::security::EtcdSecurity;
 use super::watch::Watcher;
 use crate::error::{Error, Result};
 use crate::records::{AgentRecord, LoadReport, RegistryRecord, WorkerRecord};
@@ -57,13 +58,27 @@ impl Registry {
         Self { client }
     }
 
-    /// Connects to etcd at `endpoints`, with HTTP/2 keep-alive so that a dead
-    /// connection is noticed (and watches resume) within a few seconds.
+    /// Connects to a local etcd at `endpoints` without TLS or a user (tests,
+    /// loopback); see [`Self::connect_with`].
     pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Self> {
+        Self::connect_with(endpoints, &EtcdSecurity::default(), timeout).await
+    }
+
+    /// Connects to etcd at `endpoints` with `security` (TLS, a user), with
+    /// HTTP/2 keep-alive so that a dead connection is noticed (and watches
+    /// resume) within a few seconds. With a user, the client authenticates
+    /// here (a wrong password fails now) and refreshes its token later.
+    pub async fn connect_with(
+        endpoints: &[String],
+        security: &EtcdSecurity,
+        timeout: Duration,
+    ) -> Result<Self> {
+        security.check_endpoints(endpoints)?;
         let options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
             .with_keep_alive_while_idle(true);
+        let options = security.apply(options)?;
         let client = call(
             "connect",
             timeout,

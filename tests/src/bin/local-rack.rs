@@ -85,6 +85,7 @@ async fn http_ok(port: u16, path: &str) -> bool {
 async fn traffic(etcd: &str, ns: &str, name: &str, dir: &Path) -> Result<()> {
     let port = free_port()?;
     let args: Vec<String> = [
+        "--insecure-plaintext",
         "--role=frontend",
         "--model=deepseek-v4-pro",
         &format!("--listen=127.0.0.1:{port}"),
@@ -196,6 +197,7 @@ async fn main() -> Result<()> {
         engine_bin: &engine_bin,
         time_scale: 100,
         lease_ttl_seconds: 10,
+        flags: &harness::pki::plaintext_flags(),
     };
     let mut fleet = harness::fleet::spawn_agents(&topology, &agent_bin, &opts, dir.path())?;
     let registry = proto::registry::Registry::new(cluster.etcd().client().await?);
@@ -215,7 +217,12 @@ async fn main() -> Result<()> {
     ));
 
     let port = free_port()?;
-    let op_args = harness::fleet::operator_args(cluster.kubeconfig_path(), &etcd, port);
+    let op_args = harness::fleet::operator_args(
+        cluster.kubeconfig_path(),
+        &etcd,
+        port,
+        &harness::pki::plaintext_flags(),
+    );
     let mut op = ManagedProcess::spawn("rackscale-operator", &operator, &op_args, dir.path())?;
     step(&format!(
         "operator running: metrics http://127.0.0.1:{port}/metrics, log {}",

@@ -82,6 +82,7 @@ async fn main() -> Result<()> {
         engine_bin: &engine,
         time_scale: 100,
         lease_ttl_seconds: 10,
+        flags: &harness::pki::plaintext_flags(),
     };
     let agent_bin = sibling("rackscale-agent")?;
     let mut agents = harness::fleet::spawn_agents(&topology, &agent_bin, &opts, dir.path())?;
@@ -95,7 +96,12 @@ async fn main() -> Result<()> {
         TIMEOUT,
     )
     .await?;
-    let args = harness::fleet::operator_args(cluster.kubeconfig_path(), &etcd, free_port()?);
+    let args = harness::fleet::operator_args(
+        cluster.kubeconfig_path(),
+        &etcd,
+        free_port()?,
+        &harness::pki::plaintext_flags(),
+    );
     let _operator = ManagedProcess::spawn(
         "operator",
         &sibling("rackscale-operator")?,
