@@ -306,6 +306,16 @@ impl State {
                     )));
                     return;
                 }
+                // Bounded like the decode queue: a worker that cannot keep
+                // up says so (retryable elsewhere) instead of queueing
+                // without limit.
+                if self.prefills.len() >= self.budgets.max_waiting {
+                    let _ = reply.send(Err(Error::Capacity(format!(
+                        "prefill queue is full ({} prompts waiting)",
+                        self.prefills.len()
+                    ))));
+                    return;
+                }
                 self.totals.prefills += 1;
                 self.totals.prompt_tokens += u64::from(prompt.len());
                 self.prefills.push_back(PendingPrefill {
@@ -670,6 +680,34 @@ mod tests {
         assert_eq!(drain(a).await.len(), 49);
         assert_eq!(drain(b).await.len(), 49);
         assert_eq!(s.load().await.expect("load").kv_blocks_used, 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_prefill_queue_refuses_more_and_counts_only_what_it_took() {
+        // A tenth of real time: a 4096-token prefill step takes over a
+        // second, so every prompt sent at once arrives while the first is
+        // still in its step (a prompt stays queued until its step ends).
+        let (s, _) = scheduler_at(100, 0.1);
+        let sends: Vec<_> = (0..6)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move { s.prefill(format!("p{i}"), Prompt::Length(4096)).await })
+            })
+            .collect();
+        let mut refused = 0;
+        for send in sends {
+            match send.await.expect("task") {
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(e.category(), "capacity", "{e}");
+                    refused += 1;
+                }
+            }
+        }
+        // Four fit (max_waiting), two are refused.
+        assert_eq!(refused, 2);
+        let totals = s.load().await.expect("load").totals;
+        assert_eq!((totals.prefills, totals.prompt_tokens), (4, 4 * 4096));
     }
 
     #[tokio::test]

@@ -126,6 +126,21 @@ impl ApiError {
         }
     }
 
+    /// 408: the client stopped sending its request body.
+    pub fn body_timeout(idle: std::time::Duration) -> Self {
+        Self {
+            code: Some("request_timeout"),
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "The request body was not received: nothing arrived for {} s.",
+                    idle.as_secs_f64()
+                ),
+            )
+        }
+    }
+
     /// 429 with `Retry-After`.
     pub fn overloaded(message: impl Into<String>, retry_after_s: u32) -> Self {
         Self {

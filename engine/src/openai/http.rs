@@ -71,14 +71,29 @@ fn new_request_id() -> String {
     format!("{:016x}", z ^ (z >> 31))
 }
 
+/// Whether reading the body failed because the client stopped sending it
+/// (the body idle timeout of [`super::router`]).
+fn timed_out(rejection: &BytesRejection) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(e) = cause {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// Parses a JSON body, mapping rejections to OpenAI errors.
 fn parse<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
-    limit: usize,
+    limits: &Limits,
 ) -> Result<T, ApiError> {
     let bytes = body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(limit)
+            ApiError::too_large(limits.max_body_bytes)
+        } else if timed_out(&r) {
+            ApiError::body_timeout(limits.body_idle_timeout)
         } else {
             ApiError::bad_body(format!("could not read the request body: {r}"))
         }
@@ -125,10 +140,9 @@ impl Api {
             tokenizer: self.tokenizer.as_ref(),
             models: &models,
         };
-        let limit = self.limits.max_body_bytes;
         match endpoint {
-            Endpoint::Completions => checker.completion(parse(body, limit)?, request_id),
-            Endpoint::ChatCompletions => checker.chat(parse(body, limit)?, request_id),
+            Endpoint::Completions => checker.completion(parse(body, &self.limits)?, request_id),
+            Endpoint::ChatCompletions => checker.chat(parse(body, &self.limits)?, request_id),
         }
     }
 

@@ -29,10 +29,12 @@ pub mod types;
 pub mod validate;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 pub use error::{ApiError, Outcome};
 pub use local::LocalGenerator;
@@ -40,6 +42,10 @@ pub use metrics::OpenAiMetrics;
 pub use tokenizer::{SimTokenizer, Tokenizer};
 
 use crate::generate::Generator;
+
+/// Default [`Limits::body_idle_timeout`]: a client that sends nothing of its
+/// body for this long gets 408.
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a request may ask for; beyond it, 400 (413 for the body).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +68,10 @@ pub struct Limits {
     pub max_queue: u32,
     /// `Retry-After` seconds of a 429 from a local worker.
     pub retry_after_s: u32,
+    /// Longest a client may leave its request body unsent (between two
+    /// chunks) before the request is answered 408: a stalled or slow-drip
+    /// client does not hold a connection and its buffer for ever.
+    pub body_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -86,6 +96,7 @@ impl Limits {
             max_body_bytes: 8 << 20,
             max_queue: 1024,
             retry_after_s: 1,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
         }
     }
 }
@@ -100,6 +111,7 @@ pub fn router(
     metrics: OpenAiMetrics,
 ) -> Router {
     let max_body = limits.max_body_bytes;
+    let body_idle_timeout = limits.body_idle_timeout;
     let state = Arc::new(http::Api::new(generator, tokenizer, limits, metrics));
     Router::new()
         .route("/v1/completions", post(http::completions))
@@ -109,5 +121,6 @@ pub fn router(
         .route("/health", get(http::health))
         .route("/ready", get(http::ready))
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(RequestBodyTimeoutLayer::new(body_idle_timeout))
         .with_state(state)
 }

@@ -108,6 +108,7 @@ async fn start(script: Script, ready: bool) -> Server {
     let metrics = OpenAiMetrics::unregistered().expect("metrics");
     let limits = Limits {
         max_body_bytes: 4096,
+        body_idle_timeout: Duration::from_millis(300),
         ..Limits::default()
     };
     let app = router(
@@ -332,6 +333,42 @@ async fn models_health_and_ready() {
     );
     let s = start(Script::Tokens(1), true).await;
     assert_eq!(call(s.addr, "GET", "/ready", "").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_client_that_stops_sending_its_body_gets_408() {
+    let s = start(Script::Tokens(1), true).await;
+    let mut tcp = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
+    // Headers promise 100 bytes; 10 come, then nothing.
+    let request = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                   Content-Length: 100\r\n\r\n{\"model\": ";
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let started = tokio::time::Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        while !String::from_utf8_lossy(&seen).contains("request_timeout") {
+            let n = tcp.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "closed without an answer: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&seen).to_string();
+    assert!(answer.is_ok(), "no 408 within 10 s: {text}");
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.contains("\"type\":\"invalid_request_error\""),
+        "{text}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(outcome(&s, "completions", "client_error"), 1);
 }
 
 #[tokio::test]
