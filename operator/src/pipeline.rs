@@ -176,7 +176,8 @@ pub fn workers_of(recipe: &RecipeStatus) -> Vec<WorkerPlan> {
 }
 
 /// `status` after `error` in step `condition`: the condition and Ready are
-/// false with the error's reason, the phase Pending (transient) or Failed.
+/// false with the error's reason, the phase Failed (permanent), Planned (a
+/// recipe chosen but not placeable yet) or Pending (any other transient error).
 pub fn failed_status(
     mut status: ModelDeploymentStatus,
     generation: Option<i64>,
@@ -202,10 +203,13 @@ pub fn failed_status(
         generation,
         &now,
     );
-    status.phase = Some(if error.is_transient() {
-        Phase::Pending
-    } else {
+    status.phase = Some(if !error.is_transient() {
         Phase::Failed
+    } else if condition == PLACED && status.recipe.is_some() {
+        // The recipe is chosen; the GPUs for it are not there yet.
+        Phase::Planned
+    } else {
+        Phase::Pending
     });
     status.observed_generation = generation;
     status
@@ -688,6 +692,35 @@ mod tests {
             ("b", vec![0, 2])
         );
         assert_eq!(grouped[1].gpus, vec![0, 1]);
+    }
+
+    #[test]
+    fn a_planned_deployment_waiting_for_gpus_is_planned_not_pending() {
+        let recipe = RecipeStatus {
+            prefill: "1xTP4".into(),
+            decode: "1xDEP8".into(),
+            prefill_workers: 1,
+            prefill_tp: 4,
+            decode_workers: 1,
+            decode_ep: Some(8),
+            decode_tp: None,
+            concurrency: 64,
+            gpus: 12,
+            source: "planner".into(),
+            predicted: None,
+        };
+        let no_room = Error::Placement("no room".into());
+        let planned = ModelDeploymentStatus {
+            recipe: Some(recipe),
+            ..Default::default()
+        };
+        let waiting = failed_status(planned.clone(), Some(3), PLACED, &no_room);
+        assert_eq!(waiting.phase, Some(Phase::Planned));
+        assert_eq!(waiting.observed_generation, Some(3));
+        let unplanned = failed_status(Default::default(), Some(3), PLACED, &no_room);
+        assert_eq!(unplanned.phase, Some(Phase::Pending));
+        let refused = failed_status(planned, Some(3), PLANNED, &Error::NoRecipe("slo".into()));
+        assert_eq!(refused.phase, Some(Phase::Failed));
     }
 
     #[test]
