@@ -73,9 +73,80 @@ impl AgentDirectory for StaticDirectory {
 pub struct RegistryDirectory {
     pub registry: proto::registry::Registry,
     pub timeout: Duration,
+    /// GPU health from the agents' records, kept by [`Self::changes`].
+    pub health: ReportedHealth,
+}
+
+/// GPU health as the agents report it in their registry records (NVML, or
+/// the fault-injection hook of simulated GPUs): node -> GPU indices not
+/// reported Healthy. The watch behind [`RegistryDirectory::changes`]
+/// updates it before it triggers a pass, so the pass a report causes
+/// already sees that report. Kubernetes mode joins it with the node
+/// annotations; standalone mode reads the same records directly.
+#[derive(Debug, Clone, Default)]
+pub struct ReportedHealth(Arc<std::sync::RwLock<BTreeMap<String, BTreeSet<u32>>>>);
+
+impl ReportedHealth {
+    fn sick(r: &AgentRecord) -> BTreeSet<u32> {
+        r.gpus
+            .iter()
+            .filter(|g| g.health != proto::types::GpuHealth::Healthy)
+            .map(|g| g.index)
+            .collect()
+    }
+
+    fn update(&self, change: impl FnOnce(&mut BTreeMap<String, BTreeSet<u32>>)) {
+        // A writer that panicked left a whole map; keep using it.
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        change(&mut map);
+    }
+
+    /// One agent's record, as put.
+    pub fn record(&self, r: &AgentRecord) {
+        let sick = Self::sick(r);
+        self.update(|m| {
+            if sick.is_empty() {
+                m.remove(&r.node);
+            } else {
+                m.insert(r.node.clone(), sick);
+            }
+        });
+    }
+
+    /// An agent whose record is gone (its liveness is judged elsewhere).
+    pub fn forget(&self, node: &str) {
+        self.update(|m| {
+            m.remove(node);
+        });
+    }
+
+    /// Every agent's record, from a fresh listing.
+    pub fn replace(&self, records: &[AgentRecord]) {
+        let fresh: BTreeMap<String, BTreeSet<u32>> = records
+            .iter()
+            .map(|r| (r.node.clone(), Self::sick(r)))
+            .filter(|(_, sick)| !sick.is_empty())
+            .collect();
+        self.update(|m| *m = fresh);
+    }
+}
+
+impl crate::inventory::GpuHealth for ReportedHealth {
+    fn unhealthy(&self, node: &str) -> BTreeSet<u32> {
+        let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+        map.get(node).cloned().unwrap_or_default()
+    }
 }
 
 impl RegistryDirectory {
+    pub fn new(registry: proto::registry::Registry, timeout: Duration) -> Self {
+        Self {
+            registry,
+            timeout,
+            health: ReportedHealth::default(),
+        }
+    }
+
     async fn listing(&self) -> Option<Vec<AgentRecord>> {
         match self.registry.list_agents(self.timeout).await {
             Ok(listing) => Some(listing.records),
@@ -187,6 +258,7 @@ impl AgentDirectory for RegistryDirectory {
     fn changes(&self) -> Option<BoxStream<'static, ()>> {
         let (tx, rx) = mpsc::channel(1);
         let mut known: HashMap<String, String> = HashMap::new();
+        let health = self.health.clone();
         forward::<AgentRecord, _>(
             self.registry.clone(),
             proto::registry::agents_prefix(),
@@ -194,6 +266,7 @@ impl AgentDirectory for RegistryDirectory {
             tx.clone(),
             move |event| match event {
                 WatchEvent::Resync { records, .. } => {
+                    health.replace(records);
                     let fresh: HashMap<String, String> = records
                         .iter()
                         .map(|r| (r.node.clone(), agent_signature(r)))
@@ -203,11 +276,15 @@ impl AgentDirectory for RegistryDirectory {
                     changed
                 }
                 WatchEvent::Put { record, .. } => {
+                    health.record(record);
                     let signature = agent_signature(record);
                     known.insert(record.node.clone(), signature.clone()) != Some(signature)
                 }
                 WatchEvent::Delete { key, .. } => proto::registry::parse_agent_key(key)
-                    .is_some_and(|node| known.remove(node).is_some()),
+                    .is_some_and(|node| {
+                        health.forget(node);
+                        known.remove(node).is_some()
+                    }),
             },
         );
         forward::<WorkerRecord, _>(
@@ -563,5 +640,45 @@ impl AgentControl for GrpcAgents {
 
     fn changes(&self) -> Option<BoxStream<'static, ()>> {
         self.directory.changes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::records::fixtures;
+
+    use super::*;
+    use crate::inventory::GpuHealth as _;
+
+    fn with_sick(node: &str, sick: &[u32]) -> AgentRecord {
+        let mut r = fixtures::agent(node);
+        for g in &mut r.gpus {
+            if sick.contains(&g.index) {
+                g.health = proto::types::GpuHealth::Unhealthy;
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn reported_health_follows_puts_deletes_and_listings() {
+        let h = ReportedHealth::default();
+        h.record(&with_sick("a", &[1, 3]));
+        h.record(&with_sick("b", &[]));
+        assert_eq!(h.unhealthy("a"), BTreeSet::from([1, 3]));
+        assert!(h.unhealthy("b").is_empty());
+        assert!(h.unhealthy("unknown").is_empty());
+
+        // Recovered GPUs are usable again; a gone agent leaves nothing behind.
+        h.record(&with_sick("a", &[3]));
+        assert_eq!(h.unhealthy("a"), BTreeSet::from([3]));
+        h.forget("a");
+        assert!(h.unhealthy("a").is_empty());
+
+        // A fresh listing replaces everything known before.
+        h.record(&with_sick("c", &[0]));
+        h.replace(&[with_sick("b", &[2])]);
+        assert!(h.unhealthy("c").is_empty());
+        assert_eq!(h.unhealthy("b"), BTreeSet::from([2]));
     }
 }

@@ -7,8 +7,9 @@
 //! count, a product that differs from the rest of the rack) become warnings on
 //! the rack, never a crash. GPU health comes from the node annotation
 //! `rackscale.io/unhealthy-gpus` (comma-separated indices, set by an admin or
-//! a health checker) and from a [`GpuHealth`] source (agent reports, once
-//! agents exist). Pure: it takes plain facts, not API objects.
+//! a health checker) and from a [`GpuHealth`] source (what the agents report
+//! in their registry records: `agent_grpc::ReportedHealth`). Pure: it takes
+//! plain facts, not API objects.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -37,7 +38,7 @@ pub trait GpuHealth: Send + Sync {
     fn unhealthy(&self, node: &str) -> BTreeSet<u32>;
 }
 
-/// Health from node annotations only (no agents report yet).
+/// Health from node annotations only (no registry to read agent reports from).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AnnotationsOnly;
 

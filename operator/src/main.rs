@@ -23,7 +23,7 @@ use operator::agent::PlacementOnly;
 use operator::agent_grpc::{GrpcAgents, RegistryDirectory};
 use operator::controller::{self, ControllerParts};
 use operator::engines::GrpcEngines;
-use operator::inventory::AnnotationsOnly;
+use operator::inventory::{AnnotationsOnly, GpuHealth};
 use operator::leader::{LeaderConfig, LeaderElector};
 use operator::rebalancing::{Clock, Rebalancing};
 use operator::telemetry::{Health, Metrics, TelemetryState, serve, track_leadership};
@@ -269,16 +269,20 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let timeout = Duration::from_millis(args.call_timeout_ms);
     check_time_scale(args.time_scale)?;
-    let (agents, rebalancing): (Arc<dyn operator::agent::AgentControl>, _) =
+    // GPU health: node annotations always; with the registry also what
+    // the agents report (their records, watched).
+    let (agents, rebalancing, health_source): (Arc<dyn operator::agent::AgentControl>, _, _) =
         if args.etcd_endpoints.is_empty() {
             tracing::warn!("no --etcd-endpoints: workers are placed but not launched");
-            (Arc::new(PlacementOnly), None)
+            let annotations: Arc<dyn GpuHealth> = Arc::new(AnnotationsOnly);
+            (Arc::new(PlacementOnly), None, annotations)
         } else {
             let registry = Registry::connect_with(&args.etcd_endpoints, &etcd, timeout)
                 .await
                 .context("connecting to the etcd registry")?;
             let rebalancing = rebalancing(&registry, &tls, timeout, args.time_scale);
-            let directory = Arc::new(RegistryDirectory { registry, timeout });
+            let directory = Arc::new(RegistryDirectory::new(registry, timeout));
+            let reported: Arc<dyn GpuHealth> = Arc::new(directory.health.clone());
             (
                 Arc::new(GrpcAgents::new(
                     directory,
@@ -287,6 +291,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     Duration::from_secs(30),
                 )),
                 Some(rebalancing),
+                reported,
             )
         };
     let mut config = LeaderConfig::new(&args.lease_namespace, &args.lease_name, &identity);
@@ -323,7 +328,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 client: client.clone(),
                 metrics: metrics.clone(),
                 agents,
-                health: Arc::new(AnnotationsOnly),
+                health: health_source,
                 instance: identity.clone(),
                 rebalancing,
             },
@@ -370,10 +375,7 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
         .context("connecting to the etcd registry")?;
     check_time_scale(args.time_scale)?;
     let rebalancing = rebalancing(&registry, &tls, timeout, args.time_scale);
-    let directory = Arc::new(RegistryDirectory {
-        registry: registry.clone(),
-        timeout,
-    });
+    let directory = Arc::new(RegistryDirectory::new(registry.clone(), timeout));
     let agents = Arc::new(GrpcAgents::new(
         directory,
         tls,

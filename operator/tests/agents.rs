@@ -270,10 +270,7 @@ async fn with_the_registry_a_worker_runs_once_its_engine_registered() {
     record.address = a.address.clone();
     registry.put_agent(lease, &record, t).await.unwrap();
 
-    let directory = RegistryDirectory {
-        registry: registry.clone(),
-        timeout: t,
-    };
+    let directory = RegistryDirectory::new(registry.clone(), t);
     let agents = GrpcAgents::new(
         Arc::new(directory),
         ClientTls::plaintext(),

@@ -12,6 +12,9 @@
 //!   ranks.
 //! - `kill -9` of an agent: its lease expires, the operator re-places its
 //!   worker on another tray of the same rack, and the deployment is Ready.
+//! - A GPU the agent reports failed (its fault-injection hook, as NVML
+//!   would): the operator moves the worker using it to healthy GPUs and the
+//!   Rack counts one healthy GPU fewer; no node annotation is involved.
 //!
 //! Needs the `rackscale-agent` and `rackscale-engine` binaries beside the
 //! operator's (`cargo test --workspace` and `make test` build them).
@@ -23,11 +26,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use harness::process::{ManagedProcess, free_port};
 use harness::workdir::Workdir;
 use harness::{Cluster, Sku, Topology, install_crds, wait_for};
 use kube::api::{Api, PostParams};
-use operator::crd::{ModelDeployment, ModelDeploymentStatus, Phase, Pool, WorkerState};
+use operator::crd::{ModelDeployment, ModelDeploymentStatus, Phase, Pool, Rack, WorkerState};
 use proto::pb;
 use proto::pb::agent_service_client::AgentServiceClient;
 use proto::pb::engine_service_client::EngineServiceClient;
@@ -424,4 +429,150 @@ async fn whole_racks_run_recover_from_crashes_and_re_place_lost_trays() {
     let live = agent_addresses(&registry).await;
     assert!(!live.contains_key(&lost));
     assert_no_gpu_twice(&all_ranks(&live).await);
+}
+
+/// `POST path` on loopback `port`: the status code.
+async fn post(port: u16, path: &str) -> u16 {
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    raw.get(9..12).unwrap_or("0").parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_gpu_fault_an_agent_reports_moves_its_worker_in_kubernetes_mode() {
+    let cluster = Cluster::start().await.unwrap();
+    let client = cluster.client();
+    install_crds(&client, CRDS).await.unwrap();
+    let topo = Topology::new().rack("h", Sku::Gb300, 3, 4);
+    topo.create(&client).await.unwrap();
+    let etcd = cluster.etcd().endpoint().to_string();
+    let dir = Workdir::new("rack-health").unwrap();
+    let engine = sibling("rackscale-engine").display().to_string();
+    let opts = harness::fleet::AgentOptions {
+        etcd: &etcd,
+        engine_bin: &engine,
+        time_scale: 100,
+        lease_ttl_seconds: 2,
+        flags: &harness::pki::plaintext_flags(),
+    };
+    // Each agent also serves its fault-injection hook on its own port.
+    let agent_bin = sibling("rackscale-agent");
+    let mut agents: Vec<ManagedProcess> = Vec::new();
+    let mut hook_port: BTreeMap<String, u16> = BTreeMap::new();
+    for rack in topo.racks() {
+        for node in rack.node_names() {
+            let http_port = free_port().unwrap();
+            let mut args = harness::fleet::agent_args(rack, &node, free_port().unwrap(), &opts);
+            args.extend([
+                format!("--metrics-listen=127.0.0.1:{http_port}"),
+                "--enable-fault-injection".into(),
+            ]);
+            agents.push(ManagedProcess::spawn(&node, &agent_bin, &args, dir.path()).unwrap());
+            hook_port.insert(node, http_port);
+        }
+    }
+    let registry = Registry::new(cluster.etcd().client().await.unwrap());
+    wait_for("every agent registered", TIMEOUT, || {
+        let (registry, hook_port) = (&registry, &hook_port);
+        async move {
+            let listing = registry.list_agents(T).await?;
+            let seen: BTreeSet<&str> = listing.records.iter().map(|r| r.node.as_str()).collect();
+            Ok(hook_port
+                .keys()
+                .all(|n| seen.contains(n.as_str()))
+                .then_some(()))
+        }
+    })
+    .await
+    .unwrap();
+    let op_args = harness::fleet::operator_args(
+        cluster.kubeconfig_path(),
+        &etcd,
+        free_port().unwrap(),
+        &harness::pki::plaintext_flags(),
+    );
+    let _operator = ManagedProcess::spawn(
+        "operator",
+        Path::new(env!("CARGO_BIN_EXE_rackscale-operator")),
+        &op_args,
+        dir.path(),
+    )
+    .unwrap();
+
+    // 1 x TP4 prefill + one DEP4 decode: two of the three trays.
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), "default");
+    mds.create(
+        &PostParams::default(),
+        &deployment("sick", "gb300", 8, (1, 4), 4),
+    )
+    .await
+    .unwrap();
+    let ready = wait_phase(&mds, "sick", Phase::Ready, &agents).await;
+    let prefill = ready
+        .workers
+        .iter()
+        .find(|w| w.role == Pool::Prefill)
+        .unwrap()
+        .clone();
+    let node = prefill.placement[0].node.clone();
+    let rack_name = operator::inventory::rack_name(&topo.racks()[0].clique());
+    let racks: Api<Rack> = Api::all(client.clone());
+
+    // The agent under the prefill worker reports GPU 1 failed.
+    assert_eq!(
+        post(hook_port[&node], "/debug/gpus/1/health/unhealthy").await,
+        200
+    );
+    let moved = wait_for(
+        "prefill moved off the failed GPU and Ready",
+        TIMEOUT,
+        || {
+            let (mds, node, name) = (mds.clone(), node.clone(), prefill.name.clone());
+            async move {
+                let s = mds.get("sick").await?.status.unwrap_or_default();
+                let w = s.workers.iter().find(|w| w.name == name).cloned();
+                Ok(w.filter(|w| {
+                    s.phase == Some(Phase::Ready) && w.placement.iter().all(|n| n.node != node)
+                }))
+            }
+        },
+    )
+    .await;
+    let moved = match moved {
+        Ok(m) => m,
+        Err(e) => panic!("{e}; status: {:#?}", status_of(&mds, "sick").await),
+    };
+    assert_eq!(moved.rack, prefill.rack, "re-placed within its rack");
+    let healthy = wait_for("the Rack counts 11 healthy GPUs", TIMEOUT, || {
+        let (racks, name) = (racks.clone(), rack_name.clone());
+        async move {
+            let s = racks.get(&name).await?.status.unwrap_or_default();
+            Ok((s.gpus_healthy == 11).then_some(s))
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(healthy.gpus_total, 12);
+    let live = agent_addresses(&registry).await;
+    assert_no_gpu_twice(&all_ranks(&live).await);
+    // The decode worker was left where it was.
+    let after = status_of(&mds, "sick").await;
+    let decode = |s: &ModelDeploymentStatus| {
+        s.workers
+            .iter()
+            .find(|w| w.role == Pool::Decode)
+            .map(|w| w.placement.clone())
+    };
+    assert_eq!(
+        decode(&after),
+        decode(&ready),
+        "only the affected worker moves"
+    );
 }
