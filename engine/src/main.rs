@@ -26,7 +26,9 @@ use proto::tls::{Alpn, TlsArgs, Transport};
 
 /// Flags; every one also reads an environment variable.
 #[derive(Debug, Parser)]
-#[command(name = "rackscale-engine", version, about)]
+// A later flag overrides an earlier one: a deployment's `engine.args` come after
+// the agent's own engine flags on the command line.
+#[command(name = "rackscale-engine", version, about, args_override_self = true)]
 struct Args {
     /// Worker role: prefill, decode or both; or `frontend`: the OpenAI API
     /// routing each request prefill -> KV transfer -> decode over the
@@ -472,4 +474,23 @@ async fn main() -> anyhow::Result<()> {
     }
     served?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::Args;
+
+    #[test]
+    fn a_later_flag_overrides_the_agents_earlier_one() {
+        let args = Args::try_parse_from([
+            "rackscale-engine",
+            "--insecure-plaintext",
+            "--max-context=4096",
+            "--max-context=16384",
+        ])
+        .unwrap();
+        assert_eq!(args.max_context, 16384);
+    }
 }

@@ -6,7 +6,7 @@
 //! without launching anything and reports every worker as `Placed` (never
 //! Running), for clusters where no agents run yet.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -29,6 +29,8 @@ pub struct WorkerLaunch {
     pub model: String,
     /// `sim` or `cpu`.
     pub backend: String,
+    /// The deployment's `engine.args`, flag name (without dashes) -> value.
+    pub engine_args: BTreeMap<String, String>,
     /// Spec generation the worker belongs to; a newer one replaces it.
     pub generation: u64,
     /// One rank per node, in rank order.

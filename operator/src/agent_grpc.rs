@@ -419,7 +419,11 @@ impl GrpcAgents {
             } else {
                 pb::Backend::Sim as i32
             },
-            engine_args: Default::default(),
+            engine_args: w
+                .engine_args
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             generation: w.generation,
         }
     }

@@ -462,6 +462,15 @@ pub fn launches(input: &Input<'_>, placed: &Placed) -> Vec<WorkerLaunch> {
                     Backend::Sim => "sim".to_string(),
                     Backend::Cpu => "cpu".to_string(),
                 },
+                // Entries the CRD's rule refuses never reach a spec here.
+                engine_args: input
+                    .spec
+                    .engine
+                    .args
+                    .iter()
+                    .filter_map(|a| crate::crd::engine_arg(a))
+                    .map(|(name, value)| (name.to_string(), value.to_string()))
+                    .collect(),
                 generation: input.generation.unwrap_or_default().max(0) as u64,
                 placement: e.placement.clone(),
             }

@@ -155,6 +155,7 @@ async fn workers_launch_one_rank_per_tray_and_stop_on_release() {
         ep: 8,
         model: "deepseek-v4-pro".into(),
         backend: "sim".into(),
+        engine_args: Default::default(),
         generation: 1,
         placement: vec![
             NodeGpus {
@@ -285,6 +286,7 @@ async fn with_the_registry_a_worker_runs_once_its_engine_registered() {
         ep: 1,
         model: "deepseek-v4-pro".into(),
         backend: "sim".into(),
+        engine_args: Default::default(),
         generation: 7,
         placement: vec![NodeGpus {
             node: "tray-a".into(),

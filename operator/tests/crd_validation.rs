@@ -59,6 +59,15 @@ async fn api_server_accepts_valid_and_rejects_invalid_deployments() {
     create("explicit", valid_explicit())
         .await
         .expect("a valid explicit deployment is accepted");
+    create(
+        "with-args",
+        with(
+            valid_explicit(),
+            |v| v["engine"] = json!({"args": ["--max-context=16384", "--kv-ttl-seconds=30"]}),
+        ),
+    )
+    .await
+    .expect("engine flags in --name=value form are accepted");
 
     let cases: Vec<(&str, Value, &str)> = vec![
         (
@@ -166,6 +175,20 @@ async fn api_server_accepts_valid_and_rejects_invalid_deployments() {
                 },
             ),
             "rebalance.stabilizationWindowSeconds must be at least rebalance.intervalSeconds",
+        ),
+        (
+            "engine-arg-without-value",
+            with(valid_auto(), |v| {
+                v["engine"] = json!({"args": ["--max-context"]})
+            }),
+            "engine.args entries must be --name=value",
+        ),
+        (
+            "engine-arg-overriding-tls",
+            with(valid_auto(), |v| {
+                v["engine"] = json!({"args": ["--tls-key=/etc/passwd"]})
+            }),
+            "--tls-*, --etcd-* and --insecure-plaintext are set by the agent",
         ),
     ];
     let mut failures = Vec::new();

@@ -33,7 +33,32 @@ spec:
   workload: {isl: 1024, osl: 128}
   slo: {maxTpotMs: 80}
   recipe: {mode: explicit, prefill: {workers: 1, tp: 4}, decode: {workers: 1, ep: 8}}
+  engine: {args: [--lease-ttl-seconds=3, --kv-ttl-seconds=45]}
 "#;
+
+/// The command lines of the live engine ranks started for this test (their
+/// agents pass them the test's etcd `endpoint`).
+fn engine_command_lines(endpoint: &str) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let argv: Vec<String> = String::from_utf8_lossy(&raw)
+            .split('\0')
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        if argv
+            .first()
+            .is_some_and(|a| a.ends_with("rackscale-engine"))
+            && argv.iter().any(|a| a.contains(endpoint))
+        {
+            out.push(argv);
+        }
+    }
+    out
+}
 
 fn sibling(name: &str) -> PathBuf {
     let bin = Path::new(OPERATOR).with_file_name(name);
@@ -149,6 +174,17 @@ async fn a_deployment_from_a_file_becomes_ready_and_recovers_a_lost_tray() {
     assert_eq!(ready["status"]["recipe"]["decode"], "1xDEP8");
     let used = nodes_of(&ready);
     assert_eq!(used.len(), 3, "TP4 on one tray, DEP8 on two: {used:?}");
+    // The spec's engine.args reach every rank after the agent's own engine
+    // flags (one of which they repeat: the later one wins, nothing fails).
+    let engines = engine_command_lines(&endpoint);
+    assert_eq!(engines.len(), 3, "{engines:?}");
+    for argv in &engines {
+        assert_eq!(
+            argv[argv.len() - 2..],
+            ["--kv-ttl-seconds=45", "--lease-ttl-seconds=3"],
+            "{argv:?}"
+        );
+    }
     let (code, metrics) = get(port, "/metrics").await.unwrap();
     assert_eq!(code, 200);
     assert!(

@@ -306,8 +306,26 @@ impl Default for RebalanceSpec {
     }
 }
 
+/// The message of the `engine.args` rule (also checked by standalone mode).
+pub const ENGINE_ARGS_RULE: &str = "engine.args entries must be --name=value engine flags (e.g. --max-context=16384); --tls-*, --etcd-* and --insecure-plaintext are set by the agent";
+
+/// Splits one `engine.args` entry into its flag name and value, or `None`
+/// when the CRD's rule refuses it (the same check, for specs that do not
+/// pass through an API server).
+pub fn engine_arg(arg: &str) -> Option<(&str, &str)> {
+    let (name, value) = arg.strip_prefix("--")?.split_once('=')?;
+    let well_formed = name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    let reserved = name.starts_with("tls-")
+        || name.starts_with("etcd")
+        || name.starts_with("insecure-plaintext");
+    (well_formed && !reserved).then_some((name, value))
+}
+
 /// How engines run.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct EngineSpec {
     /// Container image of the engine (Kubernetes mode).
@@ -317,8 +335,13 @@ pub struct EngineSpec {
     /// reference backend that does real tensor math on a small model.
     #[serde(default)]
     pub backend: Backend,
-    /// Extra engine arguments.
+    /// Extra engine flags, each `--name=value` (e.g. `--max-context=16384`),
+    /// appended to every rank's command line after the agent's own engine
+    /// flags, which they override. The transport flags (`--tls-*`,
+    /// `--etcd-*`, `--insecure-plaintext`) are the agent's and refused here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 256)))]
+    #[x_kube(validation = Rule::new("self.all(a, a.matches('^--[a-z][a-z0-9-]*=') && !(a.startsWith('--tls-') || a.startsWith('--etcd') || a.startsWith('--insecure-plaintext')))").message(ENGINE_ARGS_RULE))]
     pub args: Vec<String>,
 }
 

@@ -52,6 +52,7 @@ pub const RULES: &[&str] = &[
     "recipe.decode.ep must be one of 2, 4, 8, 12, 16, 24, 32, 48, 64, 72: an EP group stays inside one 72-GPU NVLink domain",
     "recipe.decode.tp must be 1, 2, 4 or 8",
     "rebalance.stabilizationWindowSeconds must be at least rebalance.intervalSeconds",
+    crate::crd::ENGINE_ARGS_RULE,
 ];
 
 fn rule(i: usize) -> String {
@@ -138,6 +139,20 @@ pub fn violations(spec: &ModelDeploymentSpec) -> Vec<String> {
     );
     if rb.stabilization_window_seconds < rb.interval_seconds {
         out.push(rule(16));
+    }
+    let args = &spec.engine.args;
+    range(&mut out, "engine.args items", args.len() as u64, 0, 32);
+    for a in args {
+        range(
+            &mut out,
+            "engine.args entry length",
+            a.chars().count() as u64,
+            0,
+            256,
+        );
+    }
+    if args.iter().any(|a| crate::crd::engine_arg(a).is_none()) {
+        out.push(rule(17));
     }
 
     let slo = &spec.slo;
@@ -387,6 +402,35 @@ spec:
             assert!(RULES.contains(&message), "unchecked CRD rule: {message}");
         }
         assert_eq!(in_crd, RULES.len(), "rules in the CRD and here differ");
+    }
+
+    #[test]
+    fn engine_args_follow_the_crds_rule() {
+        let with =
+            |args: &str| GOOD.replace("  slo:", &format!("  engine: {{args: {args}}}\n  slo:"));
+        assert!(parse(Path::new("x.yaml"), &with("[--max-context=16384]")).is_ok());
+        for bad in [
+            "[--max-context]",
+            "[max-context=1]",
+            "[--tls-key=/k]",
+            "[--etcd-endpoints=x]",
+            "[--insecure-plaintext=true]",
+            "[--Max=1]",
+        ] {
+            assert!(
+                err(&with(bad)).contains(crate::crd::ENGINE_ARGS_RULE),
+                "{bad}: {}",
+                err(&with(bad))
+            );
+        }
+        assert_eq!(
+            crate::crd::engine_arg("--kv-ttl-seconds=30"),
+            Some(("kv-ttl-seconds", "30"))
+        );
+        assert_eq!(
+            crate::crd::engine_arg("--model-dir=/m=x"),
+            Some(("model-dir", "/m=x"))
+        );
     }
 
     #[test]
