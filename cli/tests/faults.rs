@@ -102,10 +102,7 @@ impl Rack {
             for node in rack.node_names() {
                 let http_port = free_port().unwrap();
                 let mut args = harness::fleet::agent_args(rack, &node, free_port().unwrap(), &opts);
-                args.extend([
-                    format!("--metrics-listen=127.0.0.1:{http_port}"),
-                    "--enable-fault-injection".into(),
-                ]);
+                args.extend(harness::fleet::fault_hook_flags(http_port));
                 let process = ManagedProcess::spawn(&node, &agent_bin, &args, dir.path()).unwrap();
                 agents.push(Agent {
                     node,

@@ -78,6 +78,23 @@ fn deployment(
     .unwrap()
 }
 
+/// `rackscale-operator run` against `cluster`'s API server and `etcd`.
+fn start_operator(cluster: &Cluster, etcd: &str, dir: &Path) -> ManagedProcess {
+    let args = harness::fleet::operator_args(
+        cluster.kubeconfig_path(),
+        etcd,
+        free_port().unwrap(),
+        &harness::pki::plaintext_flags(),
+    );
+    ManagedProcess::spawn(
+        "operator",
+        Path::new(env!("CARGO_BIN_EXE_rackscale-operator")),
+        &args,
+        dir,
+    )
+    .unwrap()
+}
+
 /// Every agent's AgentService address, by node.
 async fn agent_addresses(registry: &Registry) -> BTreeMap<String, String> {
     registry
@@ -200,19 +217,7 @@ async fn whole_racks_run_recover_from_crashes_and_re_place_lost_trays() {
         .map(|(i, a)| (a.node.clone(), i))
         .collect();
     let mut agents: Vec<ManagedProcess> = fleet.into_iter().map(|a| a.process).collect();
-    let op_args = harness::fleet::operator_args(
-        cluster.kubeconfig_path(),
-        &etcd,
-        free_port().unwrap(),
-        &harness::pki::plaintext_flags(),
-    );
-    let _operator = ManagedProcess::spawn(
-        "operator",
-        Path::new(env!("CARGO_BIN_EXE_rackscale-operator")),
-        &op_args,
-        dir.path(),
-    )
-    .unwrap();
+    let _operator = start_operator(&cluster, &etcd, dir.path());
 
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), "default");
     // The whole GB300 rack: 2 x TP4 prefill + one DEP64 decode worker (16 trays).
@@ -470,10 +475,7 @@ async fn a_gpu_fault_an_agent_reports_moves_its_worker_in_kubernetes_mode() {
         for node in rack.node_names() {
             let http_port = free_port().unwrap();
             let mut args = harness::fleet::agent_args(rack, &node, free_port().unwrap(), &opts);
-            args.extend([
-                format!("--metrics-listen=127.0.0.1:{http_port}"),
-                "--enable-fault-injection".into(),
-            ]);
+            args.extend(harness::fleet::fault_hook_flags(http_port));
             agents.push(ManagedProcess::spawn(&node, &agent_bin, &args, dir.path()).unwrap());
             hook_port.insert(node, http_port);
         }
@@ -492,19 +494,7 @@ async fn a_gpu_fault_an_agent_reports_moves_its_worker_in_kubernetes_mode() {
     })
     .await
     .unwrap();
-    let op_args = harness::fleet::operator_args(
-        cluster.kubeconfig_path(),
-        &etcd,
-        free_port().unwrap(),
-        &harness::pki::plaintext_flags(),
-    );
-    let _operator = ManagedProcess::spawn(
-        "operator",
-        Path::new(env!("CARGO_BIN_EXE_rackscale-operator")),
-        &op_args,
-        dir.path(),
-    )
-    .unwrap();
+    let _operator = start_operator(&cluster, &etcd, dir.path());
 
     // 1 x TP4 prefill + one DEP4 decode: two of the three trays.
     let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), "default");

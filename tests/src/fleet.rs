@@ -61,6 +61,15 @@ pub fn agent_args(rack: &RackSpec, node: &str, port: u16, opts: &AgentOptions<'_
     args
 }
 
+/// Agent flags that serve `/metrics` and the fault-injection hook
+/// (`POST /debug/gpus/{index}/health/{health}`) on loopback `port`.
+pub fn fault_hook_flags(port: u16) -> [String; 2] {
+    [
+        format!("--metrics-listen=127.0.0.1:{port}"),
+        "--enable-fault-injection".into(),
+    ]
+}
+
 /// One started agent: its node, process and how it was started.
 #[derive(Debug)]
 pub struct FleetAgent {
