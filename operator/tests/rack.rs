@@ -78,6 +78,16 @@ fn deployment(
     .unwrap()
 }
 
+/// etcd and kube-apiserver with the CRDs installed and `topo`'s trays as
+/// GFD-labelled Nodes.
+async fn start_cluster(topo: &Topology) -> (Cluster, kube::Client) {
+    let cluster = Cluster::start().await.unwrap();
+    let client = cluster.client();
+    install_crds(&client, CRDS).await.unwrap();
+    topo.create(&client).await.unwrap();
+    (cluster, client)
+}
+
 /// `rackscale-operator run` against `cluster`'s API server and `etcd`.
 fn start_operator(cluster: &Cluster, etcd: &str, dir: &Path) -> ManagedProcess {
     let args = harness::fleet::operator_args(
@@ -180,13 +190,10 @@ async fn wait_phase(
 
 #[tokio::test]
 async fn whole_racks_run_recover_from_crashes_and_re_place_lost_trays() {
-    let cluster = Cluster::start().await.unwrap();
-    let client = cluster.client();
-    install_crds(&client, CRDS).await.unwrap();
     let topo = Topology::new()
         .rack("a", Sku::Gb200, 18, 4)
         .rack("b", Sku::Gb300, 18, 4);
-    topo.create(&client).await.unwrap();
+    let (cluster, client) = start_cluster(&topo).await;
     let etcd = cluster.etcd().endpoint().to_string();
     let dir = Workdir::new("rack").unwrap();
 
@@ -452,11 +459,8 @@ async fn post(port: u16, path: &str) -> u16 {
 
 #[tokio::test]
 async fn a_gpu_fault_an_agent_reports_moves_its_worker_in_kubernetes_mode() {
-    let cluster = Cluster::start().await.unwrap();
-    let client = cluster.client();
-    install_crds(&client, CRDS).await.unwrap();
     let topo = Topology::new().rack("h", Sku::Gb300, 3, 4);
-    topo.create(&client).await.unwrap();
+    let (cluster, client) = start_cluster(&topo).await;
     let etcd = cluster.etcd().endpoint().to_string();
     let dir = Workdir::new("rack-health").unwrap();
     let engine = sibling("rackscale-engine").display().to_string();
