@@ -5,7 +5,9 @@
 // Test helpers fail loudly: a panic is the test failing.
 #![allow(clippy::unwrap_used)]
 
-use harness::{Cluster, install_crds};
+use std::time::Duration;
+
+use harness::{Cluster, install_crds, wait_for};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::{Value, json};
 
@@ -210,21 +212,27 @@ async fn api_server_accepts_valid_and_rejects_invalid_deployments() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 
-    // `kubectl explain` shows the field descriptions.
-    let out = cluster
-        .apiserver()
-        .kubectl()
-        .unwrap()
-        .args(["explain", "md.spec.slo"])
-        .output()
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // `kubectl explain` shows the field descriptions. It reads the OpenAPI
+    // document, which kube-apiserver republishes a little after a CRD
+    // lands, so it is asked again until the deadline.
+    let apiserver = cluster.apiserver();
+    let text = wait_for(
+        "kubectl explain md.spec.slo",
+        Duration::from_secs(30),
+        || async {
+            let out = apiserver
+                .kubectl()?
+                .args(["explain", "md.spec.slo"])
+                .output()
+                .await?;
+            if !out.status.success() {
+                anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()))
+        },
+    )
+    .await
+    .unwrap();
     assert!(
         text.contains("Minimum tokens per second each user sees"),
         "{text}"

@@ -155,10 +155,16 @@ impl KubeApiServer {
     }
 
     /// A `kubectl` command (the pinned binary) pointed at this apiserver.
+    ///
+    /// Its discovery cache lives in this instance's directory: the shared
+    /// `~/.kube/cache` is keyed by host and port, and a port reused from an
+    /// earlier apiserver without our CRDs would answer from stale discovery.
     pub fn kubectl(&self) -> Result<tokio::process::Command> {
         let mut cmd = tokio::process::Command::new(bins::binary(bins::KUBECTL)?);
         cmd.arg("--kubeconfig")
             .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.workdir.path().join("kubectl-cache"))
             .kill_on_drop(true);
         Ok(cmd)
     }

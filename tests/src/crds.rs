@@ -69,18 +69,39 @@ pub async fn apply_crd(client: &kube::Client, crd: &CustomResourceDefinition) ->
     names.pop().context("no CRD name came back")
 }
 
-/// Waits until CRD `name` has condition `Established=True`.
+/// Waits until CRD `name` has condition `Established=True` and the
+/// apiserver's discovery lists its resource in every served version.
+///
+/// The two are separate controllers in kube-apiserver: a CRD can be
+/// Established a moment before discovery knows its plural and short names,
+/// and in that window `kubectl get <shortname>` says "the server doesn't
+/// have a resource type".
 pub async fn wait_crd_established(client: &kube::Client, name: &str) -> Result<()> {
     let api = Api::<CustomResourceDefinition>::all(client.clone());
     let established = await_condition(api, name, conditions::is_crd_established());
-    match tokio::time::timeout(CRD_ESTABLISHED_TIMEOUT, established).await {
-        Ok(result) => result
-            .map(|_| ())
-            .with_context(|| format!("watching CRD {name}")),
+    let crd = match tokio::time::timeout(CRD_ESTABLISHED_TIMEOUT, established).await {
+        Ok(result) => result.with_context(|| format!("watching CRD {name}"))?,
         Err(_) => bail!(
             "timed out after {CRD_ESTABLISHED_TIMEOUT:?} waiting for CRD {name} to be Established"
         ),
+    };
+    let Some(crd) = crd else {
+        bail!("CRD {name} was deleted while waiting for it to be Established")
+    };
+    let plural = crd.spec.names.plural.clone();
+    for version in crd.spec.versions.iter().filter(|v| v.served) {
+        let group_version = format!("{}/{}", crd.spec.group, version.name);
+        crate::wait_until(
+            format_args!("discovery of {group_version} to list {plural}"),
+            CRD_ESTABLISHED_TIMEOUT,
+            || async {
+                let resources = client.list_api_group_resources(&group_version).await?;
+                Ok(resources.resources.iter().any(|r| r.name == plural))
+            },
+        )
+        .await?;
     }
+    Ok(())
 }
 
 async fn apply_all(
