@@ -2,10 +2,11 @@
 //! [`crate::bins::bin_dir`]), run against the chart in `charts/rackscale`
 //! and, for installs, a harness apiserver's kubeconfig.
 //!
-//! Each [`Helm`] keeps its own cache, config and data directories, so
-//! parallel tests share no repository index or release driver state, and
-//! nothing is read from the user's `~/.config/helm`. No command here
-//! reaches outside loopback: the chart is local and has no dependencies.
+//! Each [`Helm`] keeps its own cache, config, data and discovery-cache
+//! directories, so parallel tests share no repository index, release
+//! driver state or API discovery, and nothing is read from the user's
+//! `~/.config/helm`. No command here reaches outside loopback: the chart
+//! is local and has no dependencies.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -59,6 +60,10 @@ impl Helm {
             .env("HELM_CACHE_HOME", home.join("cache"))
             .env("HELM_CONFIG_HOME", home.join("config"))
             .env("HELM_DATA_HOME", home.join("data"))
+            // Discovery (which gates the chart's monitors) is cached per
+            // host:port under ~/.kube/cache by default; a port reused from
+            // another test's apiserver would answer from its stale cache.
+            .env("KUBECACHEDIR", home.join("kube-cache"))
             .env_remove("HELM_KUBECONTEXT")
             .env_remove("HELM_NAMESPACE")
             .kill_on_drop(true);
